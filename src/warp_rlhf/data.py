@@ -78,7 +78,15 @@ def _binary(value) -> int:
 
 def load_reviews(config: WarpConfig) -> Reviews:
     """Load, clean and de-duplicate the reviews; labels become 1 (positive) / 0 (negative)."""
-    table = _load_table(config)
+    try:
+        table = _load_table(config)
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "corresponds to no data" in reason:
+            reason = "it holds no rows"
+        raise DataError(f"dataset {config.dataset} cannot be loaded: {reason}") from None
     for column in (config.text_column, config.label_column):
         if column not in table.column_names:
             raise DataError(

@@ -119,7 +119,7 @@ def train_reward_model(
             data_seed=config.seed,
             use_cpu=use_cpu,
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             save_strategy="no",
             report_to="none",
             logging_steps=25,

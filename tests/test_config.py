@@ -1,0 +1,143 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warp_rlhf.cli import main
+from warp_rlhf.config import WarpConfig, dump_config, load_config
+from warp_rlhf.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+OUT_OF_RANGE = [
+    ("liti_rate", "1.5", "[0, 1]"),
+    ("liti_rate", "-0.1", "[0, 1]"),
+    ("ema_rate", "0", "(0, 1]"),
+    ("ema_rate", "1.01", "(0, 1]"),
+    ("ema_rate", "nan", "(0, 1]"),
+    ("beta", "-0.1", ">= 0"),
+    ("iterations", "0", ">= 1"),
+    ("runs", "0", ">= 1"),
+    ("steps", "0", ">= 1"),
+    ("batch_size", "0", ">= 1"),
+    ("temperature", "0", "> 0"),
+    ("temperature", "-1", "> 0"),
+    ("slerp_lambda", "1.2", "[0, 1]"),
+    ("learning_rate", "0", "> 0"),
+    ("learning_rate", "inf", "> 0"),
+    ("max_new_tokens", "0", ">= 1"),
+    ("seed", "-1", ">= 0"),
+    ("prompt_min_tokens", "0", ">= 1"),
+    ("reward_train_pairs", "0", ">= 1"),
+    ("reward_epochs", "0", "> 0"),
+]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    return stop.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), OUT_OF_RANGE)
+def test_out_of_range_is_one_line_exit_2_nothing_written(name, value, allowed, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, err = run_cli(["train", f"--{name}", value, "--output_dir", str(out)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert f"{name}=" in err and allowed in err and "out of range" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [("steps", "abc", "an integer"), ("beta", "x", "a number")])
+def test_wrong_type(name, value, expected, capsys):
+    code, err = run_cli(["reward", f"--{name}", value], capsys)
+    assert code == 2 and f"{name}='{value}' is not {expected}" in err
+
+
+def test_unknown_flag_suggests_the_field(capsys):
+    code, err = run_cli(["train", "--liti_rat", "0.3"], capsys)
+    assert code == 2 and "unknown config field 'liti_rat'" in err and "did you mean 'liti_rate'" in err
+
+
+def test_unknown_yaml_key_suggests_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ema_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config field 'ema_rat' \\(did you mean 'ema_rate'\\?\\)"):
+        load_config(path)
+
+
+def test_prompt_range_order():
+    with pytest.raises(ConfigError, match="prompt_max_tokens=2 .* >= prompt_min_tokens \\(4\\)"):
+        WarpConfig(prompt_min_tokens=4, prompt_max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("a: [1, 2\n", "does not parse at line"), ("- 1\n- 2\n", "must hold a mapping"), ("steps: 1.5\n", "not an integer")],
+)
+def test_bad_yaml(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = run_cli(["reward", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_flags_override_file_and_types_are_kept(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\nbeta: 0.2\nliti_rate: 1\n")
+    config = load_config(path, {"beta": "0.05", "slerp_lambda": "none"})
+    assert (config.steps, config.beta, config.liti_rate, config.slerp_lambda) == (7, 0.05, 1.0, None)
+    assert isinstance(config.liti_rate, float)
+
+
+def test_slerp_lambda_defaults_to_one_over_m():
+    assert math.isclose(WarpConfig(runs=4).resolved_slerp_lambda, 0.25)
+    assert WarpConfig(runs=4, slerp_lambda=0.7).resolved_slerp_lambda == 0.7
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = WarpConfig(steps=3, beta=0.2)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_demo_yaml_is_the_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == WarpConfig()
+
+
+def test_gpt2_imdb_yaml_is_the_classic_setup():
+    config = load_config(REPO / "configs" / "gpt2-imdb.yaml")
+    assert config.policy == "lvwerra/gpt2-imdb"
+    assert config.reward_model == "distilbert/distilbert-base-cased"
+    assert config.dataset == "stanfordnlp/imdb"
+    expected = dict(iterations=2, runs=2, steps=100, ema_rate=0.01, liti_rate=0.5, beta=0.1, batch_size=64)
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert config.resolved_slerp_lambda == 0.5
+
+
+def test_console_script_rejects_liti_rate_above_one(tmp_path):
+    exe = Path(sys.executable).with_name("warp-rlhf")
+    result = subprocess.run(
+        [str(exe), "train", "--config", str(REPO / "configs" / "demo.yaml"), "--liti_rate", "1.5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "liti_rate=1.5" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_saved_config_is_yaml_of_every_field():
+    data = yaml.safe_load(dump_config(WarpConfig()))
+    assert set(data) == set(WarpConfig.__dataclass_fields__)
