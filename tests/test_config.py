@@ -33,6 +33,10 @@ OUT_OF_RANGE = [
     ("prompt_min_tokens", "0", ">= 1"),
     ("reward_train_pairs", "0", ">= 1"),
     ("reward_epochs", "0", "> 0"),
+    ("baseline", "median", "one of none, mean, loo"),
+    ("max_grad_norm", "0", "> 0"),
+    ("device", "tpu", "auto, cpu, cuda or cuda:N"),
+    ("checkpoint_every", "0", ">= 1"),
 ]
 
 
@@ -77,7 +81,11 @@ def test_prompt_range_order():
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("a: [1, 2\n", "does not parse at line"), ("- 1\n- 2\n", "must hold a mapping"), ("steps: 1.5\n", "not an integer")],
+    [
+        ("a: [1, 2\n", "does not parse at line"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("steps: 1.5\n", "not an integer"),
+    ],
 )
 def test_bad_yaml(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -101,7 +109,14 @@ def test_flags_override_file_and_types_are_kept(tmp_path):
 
 def test_slerp_lambda_defaults_to_one_over_m():
     assert math.isclose(WarpConfig(runs=4).resolved_slerp_lambda, 0.25)
-    assert WarpConfig(runs=4, slerp_lambda=0.7).resolved_slerp_lambda == 0.7
+    assert WarpConfig(runs=2, slerp_lambda=0.7).resolved_slerp_lambda == 0.7
+    with pytest.raises(ConfigError, match="slerp_lambda=0.7 .* null or 1/runs"):
+        WarpConfig(runs=3, slerp_lambda=0.7)
+
+
+def test_accumulation_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="grad_accumulation_steps=3 .* divide batch_size \\(16\\)"):
+        WarpConfig(batch_size=16, grad_accumulation_steps=3)
 
 
 def test_resolved_config_round_trips(tmp_path):

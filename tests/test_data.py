@@ -89,7 +89,10 @@ def test_reward_texts_are_cut_to_prompt_plus_completion_length(reviews_csv):
 def test_jsonl_and_parquet_and_string_labels(tmp_path):
     from datasets import Dataset
 
-    rows = [{"review": f"the movie was {'good' if i % 2 else 'bad'} {i}", "sentiment": "pos" if i % 2 else "neg"} for i in range(20)]
+    rows = [
+        {"review": f"the movie was {'good' if i % 2 else 'bad'} {i}", "sentiment": "pos" if i % 2 else "neg"}
+        for i in range(20)
+    ]
     jsonl = tmp_path / "r.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
@@ -111,7 +114,9 @@ def test_jsonl_and_parquet_and_string_labels(tmp_path):
 def test_bad_data_is_one_clear_error(tmp_path, setup, message):
     path = write_reviews_csv(tmp_path / "r.csv", 100, labels=setup.pop("labels", (1, 0)))
     dataset = str(tmp_path / setup.pop("dataset")) if "dataset" in setup else str(path)
-    config = WarpConfig(dataset=dataset, **(dict(reward_train_pairs=10, reward_eval_pairs=5, rl_prompts=5, eval_prompts=5) | setup))
+    config = WarpConfig(
+        dataset=dataset, **(dict(reward_train_pairs=10, reward_eval_pairs=5, rl_prompts=5, eval_prompts=5) | setup)
+    )
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         split_reviews(load_reviews(config), config, make_tokenizer())
     assert "\n" not in str(error.value)

@@ -81,6 +81,15 @@ def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(config: WarpConfig, args: argparse.Namespace) -> int:
+    from warp_rlhf.pipeline import prepare_output, train_stage
+
+    out = prepare_output(config, overwrite=args.overwrite)
+    final = train_stage(config, out, resume=args.resume)
+    print(f"WARP policy θ_slerp^{config.iterations} → {final} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
     print("warp-rlhf demo: the WARP stages are not built yet; running the reward stage", file=sys.stderr)
     return _reward(config, args)
@@ -88,7 +97,7 @@ def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
     "reward": _reward,
-    "train": _not_built("train"),
+    "train": _train,
     "evaluate": _not_built("evaluate"),
     "run": _not_built("run"),
     "demo": _demo,

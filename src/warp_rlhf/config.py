@@ -66,7 +66,7 @@ class WarpConfig:
     # --- data -----------------------------------------------------------------------------
     prompt_min_tokens: int = _opt("Shortest prompt, in policy tokens.", 2, *_at_least_1)
     prompt_max_tokens: int = _opt("Longest prompt, in policy tokens.", 8, *_at_least_1)
-    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 2000, *_at_least_1)
+    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 4000, *_at_least_1)
     reward_eval_pairs: int = _opt("Held-out pairs for the reward model's accuracy.", 500, *_at_least_1)
     rl_prompts: int = _opt("Prompts WARP trains on.", 2000, *_at_least_1)
     eval_prompts: int = _opt("Held-out prompts for evaluation.", 200, *_at_least_1)
@@ -95,6 +95,22 @@ class WarpConfig:
     learning_rate: float = _opt("AdamW learning rate of the policy.", 1e-5, *_positive)
     temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
     max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
+    baseline: str = _opt(
+        "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
+        "none",
+        lambda v: v in {"none", "mean", "loo"},
+        "one of none, mean, loo",
+    )
+    warmup_steps: int = _opt("Linear learning-rate warm-up steps of each run.", 0, *_at_least_0)
+    max_grad_norm: float | None = _opt("Clip the policy gradient to this norm (null: no clipping).", None, *_positive)
+    grad_accumulation_steps: int = _opt("Split each batch into this many micro-batches.", 1, *_at_least_1)
+    checkpoint_every: int = _opt("Save a resumable checkpoint every this many steps.", 25, *_at_least_1)
+    device: str = _opt(
+        "auto (cuda when available), cpu, cuda or cuda:N.",
+        "auto",
+        lambda v: v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()),
+        "auto, cpu, cuda or cuda:N",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -103,6 +119,15 @@ class WarpConfig:
     def resolved_slerp_lambda(self) -> float:
         """lambda, defaulting to 1/M as in the paper."""
         return self.slerp_lambda if self.slerp_lambda is not None else 1.0 / self.runs
+
+    @property
+    def torch_device(self) -> str:
+        """The device to train on: `device`, with auto → cuda when available."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     @property
     def asset_cache(self) -> Path:
@@ -179,6 +204,16 @@ def validate(config: WarpConfig) -> None:
             continue
         if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
             raise ConfigError(f"{name}={value!r} is out of range: must be {f.metadata['allowed']}")
+    if config.batch_size % config.grad_accumulation_steps:
+        raise ConfigError(
+            f"grad_accumulation_steps={config.grad_accumulation_steps} is out of range: "
+            f"must divide batch_size ({config.batch_size})"
+        )
+    if config.runs > 2 and config.slerp_lambda is not None and not math.isclose(config.slerp_lambda, 1 / config.runs):
+        raise ConfigError(
+            f"slerp_lambda={config.slerp_lambda} is out of range: with runs > 2 the runs are merged "
+            f"uniformly, so it must be null or 1/runs ({1 / config.runs:.4g})"
+        )
     if config.prompt_max_tokens < config.prompt_min_tokens:
         raise ConfigError(
             f"prompt_max_tokens={config.prompt_max_tokens} is out of range: "

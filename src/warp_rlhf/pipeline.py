@@ -17,12 +17,13 @@ from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
 from warp_rlhf.errors import ConfigError
-from warp_rlhf.models import load_tokenizer
-from warp_rlhf.reward import METRICS_FILE, train_reward_model
+from warp_rlhf.models import load_causal_lm, load_tokenizer
+from warp_rlhf.reward import METRICS_FILE, RewardModel, train_reward_model
 
 CONFIG_FILE = "config.yaml"
 SPLITS_FILE = Path("data") / "splits.json"
 REWARD_DIR = "reward_model"
+FINAL_DIR = "final"
 
 
 def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
@@ -69,3 +70,35 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
         return read_json(folder / METRICS_FILE) | {"reused": True}
     splits = load_splits(config, out)
     return train_reward_model(config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, folder)
+
+
+def reward_function(reward: RewardModel):
+    """r(x, y) = the reward model's score of the prompt followed by its completion."""
+
+    def score(prompts: list[str], completions: list[str]):
+        return reward.score([p + c for p, c in zip(prompts, completions, strict=True)])
+
+    return score
+
+
+def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
+    """Run WARP (training the reward model first if needed); return the final policy folder."""
+    from warp_rlhf.warp import save_policy, train_warp
+
+    final = out / FINAL_DIR
+    if (final / "config.json").exists():
+        return final
+    if not resume and any(out.glob("iter_*")):
+        raise ConfigError(
+            f"output_dir {out} holds an unfinished WARP run: pass --resume to continue it, or --overwrite"
+        )
+    reward_stage(config, out)
+    splits = load_splits(config, out)
+    device = config.torch_device
+    policy_path = assets.resolve_policy(config)
+    policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
+    tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    reward = RewardModel.from_pretrained(out / REWARD_DIR, device=device)
+    merged, summaries = train_warp(config, policy, tokenizer, reward_function(reward), splits.rl_prompts, out)
+    save_policy(policy, tokenizer, merged, final, config, {"iterations": summaries})
+    return final

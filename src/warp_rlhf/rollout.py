@@ -1,0 +1,122 @@
+"""Sampling completions and their sequence log-probabilities.
+
+y ~ π_θ(·|x) with temperature τ, top_k = 0, top_p = 1, stopping at EOS or L new tokens.
+Prompts are left-padded so every completion starts at the same column. The sequence
+log-probability ℓ = Σ_t log π_θ(y_t | x, y_<t) counts the completion's tokens up to and
+including the first EOS; prompt and padding are excluded. π is the *sampling* distribution
+softmax(logits / τ), so ℓ is the log-probability of what was actually sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with sampled completions, as token ids."""
+
+    input_ids: torch.Tensor  # (B, P + L): left-padded prompt, then completion
+    attention_mask: torch.Tensor  # (B, P + L): 0 on padding (left of the prompt, after EOS)
+    completion_mask: torch.Tensor  # (B, L): 1 on completion tokens up to and including EOS
+    prompt_length: int  # P, the padded prompt width
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every token id that ends a completion (the tokenizer's EOS and the model's)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
+    ended_before = (torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()) > 0
+    return (~ended_before).long()
+
+
+def build_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, eos: list[int]):
+    """Assemble a Rollout from left-padded prompts and raw generated tokens."""
+    mask = completion_mask(completion_ids, eos)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask], dim=1),
+        completion_mask=mask,
+        prompt_length=prompt_ids.shape[1],
+    )
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int) -> Rollout:
+    """Sample one completion per prompt (uses the global torch RNG: seed it first)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    eos = eos_ids(tokenizer, model)
+    generation = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    output = model.generate(**batch, generation_config=generation)
+    return build_rollout(batch["input_ids"], batch["attention_mask"], output[:, batch["input_ids"].shape[1] :], eos)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Logits / τ predicting each completion token, shape (B, L, V)."""
+    completion_width = rollout.completion_mask.shape[1]
+    output = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+        logits_to_keep=completion_width + 1,
+        use_cache=False,
+    )
+    return output.logits[:, :-1].float() / temperature
+
+
+def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """ℓ_b = Σ_t log softmax(logits)[y_b,t] over the completion mask, shape (B,)."""
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return (logprobs * rollout.completion_mask).sum(-1)
+
+
+def mean_entropy(logits: torch.Tensor, rollout: Rollout) -> float:
+    """Mean per-token entropy of the sampling distribution over completion tokens (nats)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return ((entropy * rollout.completion_mask).sum() / rollout.completion_mask.sum().clamp(min=1)).item()
+
+
+def decode(tokenizer, rollout: Rollout) -> list[str]:
+    """The completions as text (special tokens and padding dropped)."""
+    ids = rollout.completion_ids * rollout.completion_mask
+    return [
+        tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+        for row, mask in zip(ids, rollout.completion_mask, strict=True)
+    ]

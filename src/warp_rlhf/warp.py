@@ -1,0 +1,325 @@
+"""WARP, paper Algorithm 1 (Ramé et al., 2024, App. B.3), readable top to bottom.
+
+    θ_init ← θ_sft
+    for i in 1..I:
+      for m in 1..M:                    reinforce_run: own seed, own prompt order
+        θ_m, θ_m^ema ← θ_init; T REINFORCE steps with r_β = r − β(ℓ − ℓ_ema); EMA every step
+      θ_slerp^i ← θ_init + SLERP(θ_1 − θ_init, …, θ_M − θ_init)
+      θ_init ← (1 − η) θ_init + η θ_slerp^i                     LITI
+    return θ_slerp^I
+
+Output folder: iter_<i>/run_<m>/ (metrics.jsonl, checkpoint/, policy.safetensors, done.json
+written last), iter_<i>/slerp.safetensors, final/ (`save_pretrained` + model card).
+Randomness is derived from (seed, iteration, run, step), so a resumed run samples exactly what
+an uninterrupted one would, and its final weights are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from warp_rlhf import rollout
+from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from warp_rlhf.config import WarpConfig, dump_config
+from warp_rlhf.errors import WarpError
+from warp_rlhf.merge import State, copy_into, ema_update_, liti, model_state, slerp_merge
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+"""r(x, y): (prompts, completions) → one score per completion."""
+
+DONE, POLICY, METRICS, CHECKPOINT = "done.json", "policy.safetensors", "metrics.jsonl", "checkpoint"
+
+
+class TrainingError(WarpError):
+    """Training cannot go on (a non-finite reward or loss); the last checkpoint is kept."""
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed that depends on every part (seed, iteration, run, step, …)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One REINFORCE run of WARP: iteration i, run m (both from 1), and its folder."""
+
+    iteration: int
+    run: int
+    folder: Path
+    anchor_rate: float  # μ; 0 keeps the anchor fixed at θ_init (the REINFORCE baseline)
+
+    @property
+    def name(self) -> str:
+        return f"iter {self.iteration} run {self.run}"
+
+
+def prompt_batch(prompts: list[str], config: WarpConfig, spec: RunSpec, step: int) -> list[str]:
+    """Step t's prompts: the next B of a run-specific, epoch-wise seeded order."""
+    n, batch = len(prompts), []
+    for k in range(step * config.batch_size, (step + 1) * config.batch_size):
+        epoch, position = divmod(k, n)
+        order = list(range(n))
+        random.Random(derived_seed(config.seed, spec.iteration, spec.run, "epoch", epoch)).shuffle(order)
+        batch.append(prompts[order[position]])
+    return batch
+
+
+def advantages(r_beta: torch.Tensor, baseline: str) -> torch.Tensor:
+    """r_β − baseline: none (the paper), the batch mean, or the leave-one-out mean."""
+    if baseline == "none":
+        return r_beta
+    if baseline == "mean":
+        return r_beta - r_beta.mean()
+    size = r_beta.numel()
+    if size < 2:
+        return torch.zeros_like(r_beta)
+    return r_beta - (r_beta.sum() - r_beta) / (size - 1)
+
+
+def new_optimizer(policy: torch.nn.Module, config: WarpConfig):
+    """Adam (AdamW without weight decay, as the paper) with linear warm-up to a constant rate."""
+    from transformers import get_constant_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+
+
+class Trainer:
+    """Holds one policy, its anchor and an optimiser; runs REINFORCE runs one at a time."""
+
+    def __init__(self, config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[str]):
+        if not prompts:
+            raise TrainingError("no RL prompts to train on")
+        self.config, self.tokenizer, self.reward, self.prompts = config, tokenizer, reward, prompts
+        self.policy = policy.eval()  # eval(): no dropout; gradients still flow
+        self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.policy_state, self.anchor_state = model_state(self.policy), model_state(self.anchor)
+
+    # ---- one REINFORCE step ------------------------------------------------------------
+    def step(self, spec: RunSpec, step: int, optimizer, scheduler) -> dict:
+        """Sample, score, and take one policy-gradient step; then update the EMA anchor."""
+        config, started = self.config, time.perf_counter()
+        prompts = prompt_batch(self.prompts, config, spec, step)
+        torch.manual_seed(derived_seed(config.seed, spec.iteration, spec.run, "step", step))
+        micro = config.batch_size // config.grad_accumulation_steps
+        chunks = []
+        for start in range(0, config.batch_size, micro):
+            chunk_prompts = prompts[start : start + micro]
+            batch = rollout.sample(
+                self.policy,
+                self.tokenizer,
+                chunk_prompts,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+            )
+            completions = rollout.decode(self.tokenizer, batch)
+            with torch.no_grad():
+                logp_anchor = rollout.sequence_logprobs(
+                    rollout.token_logits(self.anchor, batch, config.temperature), batch
+                )
+            score = self.reward(chunk_prompts, completions).to(logp_anchor)
+            chunks.append((batch, logp_anchor, score))
+        score = torch.cat([c[2] for c in chunks])
+        if not torch.isfinite(score).all():
+            raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
+
+        def forward(batch):
+            logits = rollout.token_logits(self.policy, batch, config.temperature)
+            return rollout.sequence_logprobs(logits, batch), logits
+
+        if len(chunks) == 1:  # one forward, with grad; ℓ for r_β is its detached value
+            logp, logits = forward(chunks[0][0])
+            logps, entropy = [logp], rollout.mean_entropy(logits, chunks[0][0])
+            logp_values = logp.detach()
+        else:  # accumulation: ℓ of the whole batch is needed for r_β and the baseline first
+            with torch.no_grad():
+                logp_values = torch.cat([forward(c[0])[0] for c in chunks])
+            logps, entropy = None, None
+        logp_anchor = torch.cat([c[1] for c in chunks])
+        kl = logp_values - logp_anchor
+        r_beta = score - config.beta * kl  # a reward, detached: not a loss term
+        advantage = advantages(r_beta, config.baseline)
+
+        loss_total = 0.0
+        for index, (batch, _, _) in enumerate(chunks):
+            if logps is not None:
+                logp = logps[index]
+            else:
+                logp, logits = forward(batch)
+                entropy = (entropy or 0.0) + rollout.mean_entropy(logits, batch) / len(chunks)
+            part = advantage[index * micro : (index + 1) * micro]
+            loss = -(part * logp).sum() / config.batch_size  # REINFORCE: −mean_b A_b ℓ_b
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
+            loss.backward()
+            loss_total += loss.item()
+        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
+        learning_rate = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spec.anchor_rate > 0:
+            ema_update_(self.anchor_state.values(), self.policy_state.values(), spec.anchor_rate)
+        lengths = torch.cat([c[0].completion_lengths for c in chunks]).float()
+        return {
+            "step": step + 1,
+            "reward_mean": score.mean().item(),
+            "reward_std": score.std().item() if score.numel() > 1 else 0.0,
+            "kl_to_anchor": kl.mean().item(),
+            "reward_beta_mean": r_beta.mean().item(),
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "entropy": entropy,
+            "completion_length": lengths.mean().item(),
+            "learning_rate": learning_rate,
+            "seconds": time.perf_counter() - started,
+        }
+
+    # ---- one run, resumable ------------------------------------------------------------
+    def run(self, spec: RunSpec, init: State, steps: int) -> None:
+        """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json."""
+        folder = spec.folder
+        if (folder / DONE).exists():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        optimizer, scheduler = new_optimizer(self.policy, self.config)
+        start = self._restore(folder / CHECKPOINT, init, optimizer, scheduler)
+        log_path = folder / METRICS
+        _truncate_lines(log_path, start)
+        bar = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
+        with bar, open(log_path, "a") as log:
+            for step in range(start, steps):
+                metrics = self.step(spec, step, optimizer, scheduler)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
+                bar.update()
+                if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
+                    self._save(folder / CHECKPOINT, step + 1, optimizer, scheduler)
+        save_tensors(folder / POLICY, self.policy_state)
+        write_json(folder / DONE, {"steps": steps, **_summary(log_path)})
+        shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+
+    def _save(self, path: Path, step: int, optimizer, scheduler) -> None:
+        state = optimizer.state_dict()
+        moments = {f"{index}.{key}": value for index, entry in state["state"].items() for key, value in entry.items()}
+        with atomic_dir(path) as tmp:
+            save_tensors(tmp / "policy.safetensors", self.policy_state)
+            save_tensors(tmp / "anchor.safetensors", self.anchor_state)
+            save_tensors(tmp / "optimizer.safetensors", moments)
+            write_json(
+                tmp / "state.json",
+                {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()},
+            )
+
+    def _restore(self, path: Path, init: State, optimizer, scheduler) -> int:
+        """Load the run's checkpoint if there is one; else start from θ_init. Returns the step."""
+        if not (path / "state.json").exists():
+            copy_into(self.policy, init)
+            copy_into(self.anchor, init)
+            return 0
+        device = next(self.policy.parameters()).device
+        copy_into(self.policy, load_tensors(path / "policy.safetensors", device))
+        copy_into(self.anchor, load_tensors(path / "anchor.safetensors", device))
+        saved = read_json(path / "state.json")
+        moments: dict[int, dict] = {}
+        for key, value in load_tensors(path / "optimizer.safetensors", device).items():
+            index, name = key.split(".", 1)
+            moments.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+        optimizer.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
+        scheduler.load_state_dict(saved["scheduler"])
+        return saved["step"]
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first `keep` lines (steps after the checkpoint are redone)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)[:keep]
+        path.write_text("".join(lines))
+
+
+def _summary(log_path: Path) -> dict:
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    if not rows:
+        return {}
+    tenth = max(1, len(rows) // 10)
+    first, last = rows[:tenth], rows[-tenth:]
+
+    def mean(part, key):
+        return sum(r[key] for r in part) / len(part)
+
+    return {
+        "reward_first_10pct": mean(first, "reward_mean"),
+        "reward_last_10pct": mean(last, "reward_mean"),
+        "kl_to_anchor_last_10pct": mean(last, "kl_to_anchor"),
+        "seconds_per_step": mean(rows, "seconds"),
+    }
+
+
+def _run_files(folders: list[Path]) -> Callable[[int, str], torch.Tensor]:
+    handles = [safe_open(str(folder / POLICY), framework="pt") for folder in folders]
+    return lambda m, name: handles[m].get_tensor(name)
+
+
+def train_warp(
+    config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[str], out: Path
+) -> tuple[State, list[dict]]:
+    """Algorithm 1. Returns θ_slerp^I (on CPU) and one summary per iteration."""
+    trainer = Trainer(config, policy, tokenizer, reward, prompts)
+    device = next(policy.parameters()).device
+    init = {name: tensor.detach().to("cpu", copy=True) for name, tensor in trainer.policy_state.items()}
+    summaries, merged = [], init
+    for iteration in range(1, config.iterations + 1):
+        folder = out / f"iter_{iteration}"
+        merged_path = folder / "slerp.safetensors"
+        specs = [RunSpec(iteration, m, folder / f"run_{m}", config.ema_rate) for m in range(1, config.runs + 1)]
+        if not merged_path.exists():
+            init_on_device = {name: t.to(device) for name, t in init.items()}
+            for spec in specs:
+                trainer.run(spec, init_on_device, config.steps)
+            del init_on_device
+            merged = slerp_merge(init, _run_files([s.folder for s in specs]), config.runs, config.resolved_slerp_lambda)
+            save_tensors(merged_path, merged)
+        merged = load_tensors(merged_path)
+        summaries.append({"iteration": iteration, "runs": [read_json(s.folder / DONE) for s in specs]})
+        init = liti(init, merged, config.liti_rate)
+    return merged, summaries
+
+
+def save_policy(policy, tokenizer, state: State, folder: Path, config: WarpConfig, metrics: dict) -> None:
+    """`save_pretrained` of the policy with `state`, its tokenizer and a model card, atomically."""
+    copy_into(policy, {name: t.to(next(policy.parameters()).device) for name, t in state.items()})
+    with atomic_dir(folder) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_metrics.json", metrics)
+        (tmp / "README.md").write_text(model_card(config, metrics))
+
+
+def model_card(config: WarpConfig, metrics: dict) -> str:
+    return (
+        "---\nlibrary_name: transformers\ntags: [warp, rlhf, reinforce]\n---\n\n"
+        "# WARP policy\n\n"
+        "Trained with [warp-rlhf](https://arxiv.org/abs/2406.16768): Weight Averaged Rewarded Policies "
+        f"(I={config.iterations}, M={config.runs}, T={config.steps}, μ={config.ema_rate}, "
+        f"λ={config.resolved_slerp_lambda:g}, η={config.liti_rate}, β={config.beta}).\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\n```\n\n"
+        f"## Config\n\n```yaml\n{dump_config(config)}```\n\n"
+        f"## Training metrics\n\n```json\n{json.dumps(metrics, indent=2)}\n```\n"
+    )
