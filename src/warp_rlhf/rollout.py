@@ -31,6 +31,15 @@ class Rollout:
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    def rows(self, start: int, stop: int) -> Rollout:
+        """The micro-batch of rows start..stop-1."""
+        return Rollout(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.completion_mask[start:stop],
+            self.prompt_length,
+        )
+
 
 def eos_ids(tokenizer, model) -> list[int]:
     """Every token id that ends a completion (the tokenizer's EOS and the model's)."""

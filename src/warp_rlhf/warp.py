@@ -115,57 +115,41 @@ class Trainer:
         config, started = self.config, time.perf_counter()
         prompts = prompt_batch(self.prompts, config, spec, step)
         torch.manual_seed(derived_seed(config.seed, spec.iteration, spec.run, "step", step))
-        micro = config.batch_size // config.grad_accumulation_steps
-        chunks = []
-        for start in range(0, config.batch_size, micro):
-            chunk_prompts = prompts[start : start + micro]
-            batch = rollout.sample(
-                self.policy,
-                self.tokenizer,
-                chunk_prompts,
-                temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens,
-            )
-            completions = rollout.decode(self.tokenizer, batch)
-            with torch.no_grad():
-                logp_anchor = rollout.sequence_logprobs(
-                    rollout.token_logits(self.anchor, batch, config.temperature), batch
-                )
-            score = self.reward(chunk_prompts, completions).to(logp_anchor)
-            chunks.append((batch, logp_anchor, score))
-        score = torch.cat([c[2] for c in chunks])
+        batch = rollout.sample(
+            self.policy, self.tokenizer, prompts, temperature=config.temperature, max_new_tokens=config.max_new_tokens
+        )
+        score = self.reward(prompts, rollout.decode(self.tokenizer, batch)).float()
         if not torch.isfinite(score).all():
             raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
+        size = config.batch_size // config.grad_accumulation_steps
+        micro = [batch.rows(start, start + size) for start in range(0, config.batch_size, size)]
 
-        def forward(batch):
-            logits = rollout.token_logits(self.policy, batch, config.temperature)
-            return rollout.sequence_logprobs(logits, batch), logits
+        def forward(model, part: rollout.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = rollout.token_logits(model, part, config.temperature)
+            return rollout.sequence_logprobs(logits, part), logits
 
-        if len(chunks) == 1:  # one forward, with grad; ℓ for r_β is its detached value
-            logp, logits = forward(chunks[0][0])
-            logps, entropy = [logp], rollout.mean_entropy(logits, chunks[0][0])
-            logp_values = logp.detach()
-        else:  # accumulation: ℓ of the whole batch is needed for r_β and the baseline first
+        with torch.no_grad():
+            logp_anchor = torch.cat([forward(self.anchor, part)[0] for part in micro])
+        if len(micro) == 1:  # one forward with grad; r_β uses its detached value
+            logp, logits = forward(self.policy, batch)
+            logp_values, entropy = logp.detach(), rollout.mean_entropy(logits, batch)
+        else:  # accumulation: ℓ of the whole batch is needed first, for r_β and the baseline
             with torch.no_grad():
-                logp_values = torch.cat([forward(c[0])[0] for c in chunks])
-            logps, entropy = None, None
-        logp_anchor = torch.cat([c[1] for c in chunks])
-        kl = logp_values - logp_anchor
-        r_beta = score - config.beta * kl  # a reward, detached: not a loss term
+                logp_values = torch.cat([forward(self.policy, part)[0] for part in micro])
+            entropy = 0.0
+        kl = logp_values - logp_anchor.to(logp_values)
+        r_beta = score.to(kl) - config.beta * kl  # a reward, detached: not a loss term
         advantage = advantages(r_beta, config.baseline)
 
         loss_total = 0.0
-        for index, (batch, _, _) in enumerate(chunks):
-            if logps is not None:
-                logp = logps[index]
-            else:
-                logp, logits = forward(batch)
-                entropy = (entropy or 0.0) + rollout.mean_entropy(logits, batch) / len(chunks)
-            part = advantage[index * micro : (index + 1) * micro]
-            loss = -(part * logp).sum() / config.batch_size  # REINFORCE: −mean_b A_b ℓ_b
+        for index, part in enumerate(micro):
+            if len(micro) > 1:
+                logp, logits = forward(self.policy, part)
+                entropy += rollout.mean_entropy(logits, part) / len(micro)
+            loss = -(advantage[index * size : (index + 1) * size] * logp).sum() / config.batch_size
             if not torch.isfinite(loss):
                 raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
-            loss.backward()
+            loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
             loss_total += loss.item()
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
@@ -175,7 +159,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         if spec.anchor_rate > 0:
             ema_update_(self.anchor_state.values(), self.policy_state.values(), spec.anchor_rate)
-        lengths = torch.cat([c[0].completion_lengths for c in chunks]).float()
+        lengths = batch.completion_lengths.float()
         return {
             "step": step + 1,
             "reward_mean": score.mean().item(),

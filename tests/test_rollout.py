@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from tests.conftest import make_tokenizer
+from warp_rlhf import rollout
+from warp_rlhf.models import load_causal_lm
+
+
+@pytest.fixture
+def policy(tiny_policy):
+    return load_causal_lm(str(tiny_policy)).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+def brute_force_logprob(model, prompt_ids: list[int], completion: list[int], eos: int, temperature: float) -> float:
+    """Σ_t log π(y_t | x, y_<t), one unpadded forward per token, stopping after EOS."""
+    total, context = 0.0, list(prompt_ids)
+    with torch.no_grad():
+        for token in completion:
+            logits = model(torch.tensor([context])).logits[0, -1] / temperature
+            total += torch.log_softmax(logits, -1)[token].item()
+            context.append(token)
+            if token == eos:
+                break
+    return total
+
+
+def test_completion_mask_counts_up_to_and_including_the_first_eos():
+    ids = torch.tensor([[5, 2, 2, 7], [5, 6, 7, 8], [2, 5, 2, 5]])
+    assert rollout.completion_mask(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sequence_logprob_equals_token_by_token_sum(policy, tokenizer, temperature):
+    prompts = ["the movie was", "a", "the plot and the actor"]
+    torch.manual_seed(0)
+    batch = rollout.sample(policy, tokenizer, prompts, temperature=temperature, max_new_tokens=6)
+    with torch.no_grad():
+        got = rollout.sequence_logprobs(rollout.token_logits(policy, batch, temperature), batch)
+    eos = tokenizer.eos_token_id
+    for row, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+        expected = brute_force_logprob(policy, prompt_ids, completion, eos, temperature)
+        assert abs(got[row].item() - expected) < 1e-4
+
+
+def test_same_sequence_padded_differently_has_the_same_logprob(policy):
+    prompt, completion, pad = torch.tensor([[7, 9, 11]]), torch.tensor([[12, 13, 2, 0]]), 0
+    values = []
+    for extra in (0, 1, 4):
+        prompt_ids = torch.cat([torch.full((1, extra), pad), prompt], 1)
+        prompt_mask = torch.cat([torch.zeros(1, extra, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)], 1)
+        batch = rollout.build_rollout(prompt_ids, prompt_mask, completion, [2])
+        with torch.no_grad():
+            values.append(rollout.sequence_logprobs(rollout.token_logits(policy, batch, 1.0), batch).item())
+    assert max(values) - min(values) < 1e-5
+    # And padding after EOS is excluded: changing a padded token does not change ℓ.
+    other = rollout.build_rollout(prompt, torch.ones(1, 3, dtype=torch.long), torch.tensor([[12, 13, 2, 17]]), [2])
+    with torch.no_grad():
+        assert abs(rollout.sequence_logprobs(rollout.token_logits(policy, other, 1.0), other).item() - values[0]) < 1e-5
+
+
+def test_sampling_stops_at_eos_or_max_new_tokens(policy, tokenizer):
+    torch.manual_seed(1)
+    batch = rollout.sample(policy, tokenizer, ["the movie"] * 32, temperature=1.0, max_new_tokens=5)
+    assert batch.completion_ids.shape[1] <= 5
+    lengths = batch.completion_lengths
+    assert (lengths >= 1).all() and (lengths <= 5).all()
+    texts = rollout.decode(tokenizer, batch)
+    assert all("<eos>" not in text and "<pad>" not in text for text in texts)
+
+
+def test_sampling_is_reproducible_under_a_seed_and_varies_without(policy, tokenizer):
+    def draw(seed):
+        torch.manual_seed(seed)
+        return rollout.sample(policy, tokenizer, ["the movie"] * 8, temperature=1.0, max_new_tokens=6).input_ids
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+def test_rows_slices_a_micro_batch(policy, tokenizer):
+    torch.manual_seed(0)
+    batch = rollout.sample(policy, tokenizer, ["a", "the movie", "it"], temperature=1.0, max_new_tokens=3)
+    part = batch.rows(1, 3)
+    assert torch.equal(part.input_ids, batch.input_ids[1:3]) and part.prompt_length == batch.prompt_length
