@@ -61,7 +61,7 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
 
 def _not_built(command: str) -> Callable[[WarpConfig, argparse.Namespace], int]:
     def run(config: WarpConfig, args: argparse.Namespace) -> int:
-        print(f"warp-rlhf: '{command}' is not built yet; 'reward' is available", file=sys.stderr)
+        print(f"warp-rlhf: '{command}' is not built yet; 'reward' and 'train' are", file=sys.stderr)
         return EXIT_USAGE
 
     return run
@@ -91,8 +91,8 @@ def _train(config: WarpConfig, args: argparse.Namespace) -> int:
 
 
 def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
-    print("warp-rlhf demo: the WARP stages are not built yet; running the reward stage", file=sys.stderr)
-    return _reward(config, args)
+    print("warp-rlhf demo: reward model, then WARP (evaluation is not built yet)", file=sys.stderr)
+    return _reward(config, args) or _train(config, argparse.Namespace(**{**vars(args), "resume": True}))
 
 
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {

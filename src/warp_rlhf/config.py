@@ -79,7 +79,7 @@ class WarpConfig:
     # --- WARP (paper Algorithm 1) ---------------------------------------------------------
     iterations: int = _opt("I: WARP iterations (SLERP then LITI each).", 2, *_at_least_1)
     runs: int = _opt("M: independent REINFORCE runs per iteration.", 2, *_at_least_1)
-    steps: int = _opt("T: policy-gradient steps per run.", 100, *_at_least_1)
+    steps: int = _opt("T: policy-gradient steps per run.", 12, *_at_least_1)
     ema_rate: float = _opt(
         "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
         0.01,
@@ -92,7 +92,7 @@ class WarpConfig:
         "beta: KL coefficient in r - beta (log pi - log pi_ema).", 0.1, lambda v: v >= 0, "a number >= 0"
     )
     batch_size: int = _opt("B: completions per policy-gradient step.", 16, *_at_least_1)
-    learning_rate: float = _opt("AdamW learning rate of the policy.", 1e-5, *_positive)
+    learning_rate: float = _opt("AdamW learning rate of the policy.", 5e-5, *_positive)
     temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
     max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
     baseline: str = _opt(
