@@ -223,3 +223,16 @@ def test_non_finite_reward_stops_with_a_clear_message(tiny_policy, tmp_path):
 
     with pytest.raises(TrainingError, match="iter 1 run 1 step 1: the reward is not finite"):
         train(tmp_path, tiny_policy, config, reward=broken)
+
+
+def test_train_command_refuses_an_unfinished_run_without_resume(tiny_args, tmp_path, capsys):
+    from warp_rlhf.cli import main
+
+    args = ["train", *tiny_args, "--steps", "2", "--batch_size", "4", "--iterations", "1", "--reward_epochs", "0.2"]
+    (tmp_path / "run" / "iter_1" / "run_1").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and "unfinished WARP run: pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert "from_pretrained" in capsys.readouterr().out
