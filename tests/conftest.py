@@ -25,11 +25,11 @@ SPECIALS = ["<pad>", "<unk>", "<eos>", "<cls>"]
 VOCAB = SPECIALS + NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS
 
 
-def make_tokenizer():
+def make_tokenizer(vocab: list[str] = VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(

@@ -1,0 +1,100 @@
+"""Evaluation on held-out prompts: reward, judge, and KL(π ‖ π_sft) with standard errors (DESIGN §3).
+
+Every policy is sampled on the same prompts with the same seeds. For each completion y ~ π:
+- k1            = Σ_t [log π(y_t|·) − log π_sft(y_t|·)]                 (unbiased, can be < 0)
+- exact-per-token = Σ_t KL(π(·|x, y_<t) ‖ π_sft(·|x, y_<t)) over the vocabulary (unbiased, ≥ 0)
+Both use the sampling distribution softmax(logits / τ). Standard errors are std / sqrt(n)
+(sample std, ddof = 1) over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from warp_rlhf import rollout
+from warp_rlhf.warp import derived_seed
+
+EVAL_BATCH = 50
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Sample mean and its standard error std(ddof=1)/sqrt(n) (0 for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def token_kl(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t KL(softmax(logits_t) ‖ softmax(reference_t)) over masked positions, shape (B,)."""
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(reference_logits, -1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return (per_token * mask).sum(-1)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams / all word n-grams over the completions."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class Samples:
+    """Per-prompt values of one policy."""
+
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+    judge: list[float] = field(default_factory=list)
+    kl_k1: list[float] = field(default_factory=list)
+    kl_exact: list[float] = field(default_factory=list)
+    length: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {"n_prompts": len(self.prompts)}
+        for name in ("reward", "judge", "kl_k1", "kl_exact", "length"):
+            out[f"{name}_mean"], out[f"{name}_se"] = mean_and_se(getattr(self, name))
+        out["distinct_1"] = distinct_n(self.completions, 1)
+        out["distinct_2"] = distinct_n(self.completions, 2)
+        return out
+
+
+@torch.no_grad()
+def sample_policy(
+    policy,
+    sft,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    reward: Callable[[list[str], list[str]], torch.Tensor],
+    judge: Callable[[list[str]], list[float]],
+    batch_size: int = EVAL_BATCH,
+) -> Samples:
+    """Sample one completion per prompt from `policy` and score it against `sft`."""
+    samples = Samples()
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        torch.manual_seed(derived_seed(seed, "eval", index))  # the same seeds for every policy
+        batch = rollout.sample(policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens)
+        logits = rollout.token_logits(policy, batch, temperature)
+        reference = rollout.token_logits(sft, batch, temperature)
+        k1 = rollout.sequence_logprobs(logits, batch) - rollout.sequence_logprobs(reference, batch)
+        exact = token_kl(logits, reference, batch.completion_mask)
+        completions = rollout.decode(tokenizer, batch)
+        samples.prompts += chunk
+        samples.completions += completions
+        samples.reward += reward(chunk, completions).tolist()
+        samples.judge += judge([p + c for p, c in zip(chunk, completions, strict=True)])
+        samples.kl_k1 += k1.tolist()
+        samples.kl_exact += exact.tolist()
+        samples.length += batch.completion_lengths.float().tolist()
+    return samples
