@@ -61,7 +61,7 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
 
 def _not_built(command: str) -> Callable[[WarpConfig, argparse.Namespace], int]:
     def run(config: WarpConfig, args: argparse.Namespace) -> int:
-        print(f"warp-rlhf: '{command}' is not built yet; 'reward' and 'train' are", file=sys.stderr)
+        print(f"warp-rlhf: '{command}' is not built yet", file=sys.stderr)
         return EXIT_USAGE
 
     return run
@@ -86,20 +86,55 @@ def _train(config: WarpConfig, args: argparse.Namespace) -> int:
 
     out = prepare_output(config, overwrite=args.overwrite)
     final = train_stage(config, out, resume=args.resume)
-    print(f"WARP policy θ_slerp^{config.iterations} → {final} (load with AutoModelForCausalLM.from_pretrained)")
+    what = f"WARP policy θ_slerp^{config.iterations}" if config.method == "warp" else "REINFORCE baseline policy"
+    print(f"{what} → {final} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
+def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
+    from warp_rlhf.pipeline import EVAL_DIR, evaluate_stage, prepare_output
+
+    out = prepare_output(config, overwrite=args.overwrite)
+    results = evaluate_stage(config, out)
+    print(results_table(results["policies"]))
+    print(f"results, completions and plots → {out / EVAL_DIR}")
+    return 0
+
+
+def results_table(policies: dict) -> str:
+    """SFT, WARP and the baseline's last point as an aligned text table."""
+    rows = [name for name in policies if policies[name]["kind"] in {"sft"} or name == "warp"]
+    baseline = [name for name in policies if policies[name]["kind"] == "reinforce"]
+    rows += baseline[-1:]
+    lines = [f"{'policy':<16}{'reward':>16}{'judge':>16}{'KL exact':>16}{'KL k1':>16}"]
+    for name in rows:
+        p = policies[name]
+        cells = [f"{p[m + '_mean']:.3f} ± {p[m + '_se']:.3f}" for m in ("reward", "judge", "kl_exact", "kl_k1")]
+        lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def _run(config: WarpConfig, args: argparse.Namespace) -> int:
+    """reward → WARP → the REINFORCE baseline → evaluate, all in one output folder."""
+    import dataclasses
+
+    _reward(config, args)
+    resumed = argparse.Namespace(**{**vars(args), "resume": True, "overwrite": False})
+    _train(dataclasses.replace(config, method="warp"), resumed)
+    _train(dataclasses.replace(config, method="reinforce"), resumed)
+    return _evaluate(config, resumed)
+
+
 def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
-    print("warp-rlhf demo: reward model, then WARP (evaluation is not built yet)", file=sys.stderr)
-    return _reward(config, args) or _train(config, argparse.Namespace(**{**vars(args), "resume": True}))
+    print("warp-rlhf demo: reward model → WARP → REINFORCE baseline → evaluation", file=sys.stderr)
+    return _run(config, argparse.Namespace(**{**vars(args), "resume": True}))
 
 
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
     "reward": _reward,
     "train": _train,
-    "evaluate": _not_built("evaluate"),
-    "run": _not_built("run"),
+    "evaluate": _evaluate,
+    "run": _run,
     "demo": _demo,
     "sweep": _not_built("sweep"),
 }

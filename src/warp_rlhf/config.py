@@ -95,6 +95,19 @@ class WarpConfig:
     learning_rate: float = _opt("AdamW learning rate of the policy.", 5e-5, *_positive)
     temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
     max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
+    method: str = _opt(
+        "What `train` trains: warp (Algorithm 1) or reinforce (one run, anchor fixed at SFT, I·M·T steps).",
+        "warp",
+        lambda v: v in {"warp", "reinforce"},
+        "one of warp, reinforce",
+    )
+    front_points: int = _opt(
+        "Points ν = 0 … 1 of the LITI front (1 − ν) θ_sft + ν θ_warp to evaluate.",
+        11,
+        lambda v: v >= 2,
+        "an integer >= 2",
+    )
+    trajectory_points: int = _opt("Evenly spaced checkpoints of the REINFORCE baseline to evaluate.", 4, *_at_least_1)
     baseline: str = _opt(
         "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
         "none",

@@ -98,3 +98,37 @@ def sample_policy(
         samples.kl_exact += exact.tolist()
         samples.length += batch.completion_lengths.float().tolist()
     return samples
+
+
+SUMMARY_COLUMNS = [
+    "reward_mean", "reward_se", "judge_mean", "judge_se", "kl_k1_mean", "kl_k1_se", "kl_exact_mean",
+    "kl_exact_se", "length_mean", "distinct_1", "distinct_2", "n_prompts",
+]  # fmt: skip
+
+
+def write_results(evaluated: dict[str, tuple[dict, Samples]], folder, out) -> dict:
+    """eval/results.json, results.csv, completions.jsonl and the plots; returns the results."""
+    import csv
+    import io
+    import json
+
+    from warp_rlhf.checkpoint import write_json, write_text
+    from warp_rlhf.plots import plot_results
+
+    policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
+    results = {"policies": policies, "kl_in_plots": "kl_exact (exact-per-token estimator)"}
+    write_json(folder / "results.json", results)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["policy", "kind", *SUMMARY_COLUMNS])
+    for name, row in policies.items():
+        writer.writerow([name, row["kind"], *(row[c] for c in SUMMARY_COLUMNS)])
+    write_text(folder / "results.csv", table.getvalue())
+    lines = [
+        json.dumps({"policy": name, "prompt": p, "completion": c, "reward": r, "judge": j})
+        for name, (_, s) in evaluated.items()
+        for p, c, r, j in zip(s.prompts, s.completions, s.reward, s.judge, strict=True)
+    ]
+    write_text(folder / "completions.jsonl", "\n".join(lines) + "\n")
+    plot_results(policies, folder, out)
+    return results

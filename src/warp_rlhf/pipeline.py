@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from warp_rlhf import assets
-from warp_rlhf.checkpoint import read_json, write_json, write_text
+from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
 from warp_rlhf.errors import ConfigError
+from warp_rlhf.merge import State
 from warp_rlhf.models import load_causal_lm, load_tokenizer
 from warp_rlhf.reward import METRICS_FILE, RewardModel, train_reward_model
+from warp_rlhf.warp import DONE
 
 CONFIG_FILE = "config.yaml"
+SHARED_FIELDS = {"method"}
+"""Fields that may differ between calls on one folder: WARP and its baseline share a folder."""
 SPLITS_FILE = Path("data") / "splits.json"
 REWARD_DIR = "reward_model"
+EVAL_DIR = "eval"
 FINAL_DIR = "final"
+BASELINE_DIR = "reinforce"
 
 
 def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
@@ -32,7 +39,11 @@ def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
     saved = out / CONFIG_FILE
     if saved.exists() and not overwrite:
         previous = read_yaml(saved)
-        changed = [name for name, value in config_to_dict(config).items() if previous.get(name) != value]
+        changed = [
+            name
+            for name, value in config_to_dict(config).items()
+            if previous.get(name) != value and name not in SHARED_FIELDS
+        ]
         if changed:
             name = changed[0]
             raise ConfigError(
@@ -81,17 +92,8 @@ def reward_function(reward: RewardModel):
     return score
 
 
-def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
-    """Run WARP (training the reward model first if needed); return the final policy folder."""
-    from warp_rlhf.warp import save_policy, train_warp
-
-    final = out / FINAL_DIR
-    if (final / "config.json").exists():
-        return final
-    if not resume and any(out.glob("iter_*")):
-        raise ConfigError(
-            f"output_dir {out} holds an unfinished WARP run: pass --resume to continue it, or --overwrite"
-        )
+def _training_inputs(config: WarpConfig, out: Path):
+    """(policy, tokenizer, r(x, y), RL prompts) for a training stage."""
     reward_stage(config, out)
     splits = load_splits(config, out)
     device = config.torch_device
@@ -99,6 +101,92 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     reward = RewardModel.from_pretrained(out / REWARD_DIR, device=device)
-    merged, summaries = train_warp(config, policy, tokenizer, reward_function(reward), splits.rl_prompts, out)
-    save_policy(policy, tokenizer, merged, final, config, {"iterations": summaries})
+    return policy, tokenizer, reward_function(reward), splits.rl_prompts
+
+
+def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
+    """Train `config.method` (WARP, or the REINFORCE baseline); return its final policy folder."""
+    from warp_rlhf.warp import save_policy, train_reinforce, train_warp
+
+    warp = config.method == "warp"
+    final = out / FINAL_DIR if warp else out / BASELINE_DIR / FINAL_DIR
+    if (final / "config.json").exists():
+        return final
+    started = any(out.glob("iter_*")) if warp else (out / BASELINE_DIR).exists()
+    if started and not resume:
+        raise ConfigError(
+            f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
+        )
+    policy, tokenizer, reward, prompts = _training_inputs(config, out)
+    if warp:
+        merged, summaries = train_warp(config, policy, tokenizer, reward, prompts, out)
+        metrics = {"iterations": summaries}
+    else:
+        trajectory = train_reinforce(config, policy, tokenizer, reward, prompts, out / BASELINE_DIR)
+        merged = load_tensors(trajectory[-1][1])
+        metrics = read_json(out / BASELINE_DIR / DONE)
+    save_policy(policy, tokenizer, merged, final, config, metrics)
     return final
+
+
+def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
+    """(name, description, weights) of every policy to evaluate: SFT, the LITI front of the WARP
+    policy (ν = 1 is `warp`), WARP's earlier iterations θ_slerp^i, and the baseline's trajectory."""
+    from warp_rlhf.merge import lerp, model_state
+    from warp_rlhf.warp import trajectory_files
+
+    points: list[tuple[str, dict, Callable[[], State]]] = [("sft", {"kind": "sft", "nu": 0.0}, lambda: sft)]
+    if (out / FINAL_DIR / "config.json").exists():
+        warp = {
+            k: v.to(next(iter(sft.values())).device)
+            for k, v in model_state(load_causal_lm(str(out / FINAL_DIR))).items()
+        }
+        for index in range(1, config.front_points):
+            nu = round(index / (config.front_points - 1), 4)
+            name = "warp" if index == config.front_points - 1 else f"liti_{nu:g}"
+            points.append((name, {"kind": "liti", "nu": nu}, lambda nu=nu: {k: lerp(sft[k], warp[k], nu) for k in sft}))
+        for i in range(1, config.iterations):
+            path = out / f"iter_{i}" / "slerp.safetensors"
+            points.append((f"iter_{i}", {"kind": "iteration", "iteration": i}, lambda p=path: load_tensors(p)))
+    if (out / BASELINE_DIR / DONE).exists():
+        for step, path in trajectory_files(config, out / BASELINE_DIR):
+            points.append((f"reinforce_{step}", {"kind": "reinforce", "step": step}, lambda p=path: load_tensors(p)))
+    return points
+
+
+def evaluate_stage(config: WarpConfig, out: Path) -> dict:
+    """Evaluate every available policy on the held-out prompts; write eval/ and return results."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from warp_rlhf.evaluate import Samples, sample_policy, write_results
+    from warp_rlhf.merge import copy_into, model_state
+    from warp_rlhf.reward import judge_scores
+
+    reward_stage(config, out)
+    splits = load_splits(config, out)
+    device = config.torch_device
+    policy_path = assets.resolve_policy(config)
+    sft_model = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device).eval()
+    tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    policy = copy.deepcopy(sft_model)
+    sft = {k: v.detach().clone() for k, v in model_state(sft_model).items()}
+    reward = reward_function(RewardModel.from_pretrained(out / REWARD_DIR, device=device))
+    folder = out / EVAL_DIR
+    evaluated: dict[str, tuple[dict, Samples]] = {}
+    points = evaluation_points(config, out, sft)
+    for name, meta, weights in tqdm(points, desc="Evaluating policies", unit="policy"):
+        cached = folder / "policies" / f"{name}.json"
+        if cached.exists():
+            saved = read_json(cached)
+            evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
+            continue
+        copy_into(policy, {k: v.to(device) for k, v in weights().items()})
+        samples = sample_policy(
+            policy, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
+        )  # fmt: skip
+        write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
+        evaluated[name] = (meta, samples)
+    return write_results(evaluated, folder, out)

@@ -175,8 +175,11 @@ class Trainer:
         }
 
     # ---- one run, resumable ------------------------------------------------------------
-    def run(self, spec: RunSpec, init: State, steps: int) -> None:
-        """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json."""
+    def run(self, spec: RunSpec, init: State, steps: int, snapshots: frozenset[int] = frozenset()) -> None:
+        """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json.
+
+        After each step k in `snapshots`, the policy is also saved as step_<k>.safetensors.
+        """
         folder = spec.folder
         if (folder / DONE).exists():
             return
@@ -193,6 +196,8 @@ class Trainer:
                 log.flush()
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
                 bar.update()
+                if step + 1 in snapshots:
+                    save_tensors(folder / f"step_{step + 1}.safetensors", self.policy_state)
                 if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
                     self._save(folder / CHECKPOINT, step + 1, optimizer, scheduler)
         save_tensors(folder / POLICY, self.policy_state)
@@ -283,6 +288,35 @@ def train_warp(
         summaries.append({"iteration": iteration, "runs": [read_json(s.folder / DONE) for s in specs]})
         init = liti(init, merged, config.liti_rate)
     return merged, summaries
+
+
+def trajectory_steps(config: WarpConfig) -> list[int]:
+    """The baseline's evaluated steps: `trajectory_points` evenly spaced, ending at I·M·T."""
+    total = config.iterations * config.runs * config.steps
+    return sorted({max(1, round(total * k / config.trajectory_points)) for k in range(1, config.trajectory_points + 1)})
+
+
+def trajectory_files(config: WarpConfig, folder: Path) -> list[tuple[int, Path]]:
+    steps = trajectory_steps(config)
+    return [(k, folder / f"step_{k}.safetensors") for k in steps[:-1]] + [(steps[-1], folder / POLICY)]
+
+
+def train_reinforce(
+    config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[str], out: Path
+) -> list[tuple[int, Path]]:
+    """The baseline: one REINFORCE run with its anchor fixed at θ_sft, for I·M·T steps.
+
+    Same rollout and step code as WARP; `trajectory_points` evenly spaced policies are kept.
+    Returns (step, weights file) along the trajectory, the last being the end of training.
+    """
+    trainer = Trainer(config, policy, tokenizer, reward, prompts)
+    total = config.iterations * config.runs * config.steps
+    points = sorted(
+        {max(1, round(total * k / config.trajectory_points)) for k in range(1, config.trajectory_points + 1)}
+    )
+    init = {name: tensor.detach().clone() for name, tensor in trainer.policy_state.items()}
+    trainer.run(RunSpec(0, 1, out, anchor_rate=0.0), init, total, snapshots=frozenset(points[:-1]))
+    return trajectory_files(config, out)
 
 
 def save_policy(policy, tokenizer, state: State, folder: Path, config: WarpConfig, metrics: dict) -> None:
