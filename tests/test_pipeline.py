@@ -30,6 +30,10 @@ def test_run_writes_results_completions_and_plots(tiny_args, tmp_path, capsys):
     for plot in ("reward_vs_kl.png", "judge_vs_kl.png", "training_curves.png"):
         assert (out / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "reinforce" / "final" / "config.json").exists()
+    report = (out / "report.md").read_text()
+    for expected in ("| sft |", "| warp |", "| reinforce_8 |", "![reward_vs_kl](eval/reward_vs_kl.png)",
+                     "| train warp |", "| train reinforce |", "| evaluate |", "Prompt: `", "iterations: 2"):  # fmt: skip
+        assert expected in report, expected
     printed = capsys.readouterr().out
     assert "sft" in printed and "warp" in printed and "reinforce_8" in printed
 

@@ -97,7 +97,7 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
     out = prepare_output(config, overwrite=args.overwrite)
     results = evaluate_stage(config, out)
     print(results_table(results["policies"]))
-    print(f"results, completions and plots → {out / EVAL_DIR}")
+    print(f"results, completions and plots → {out / EVAL_DIR}; report → {out / 'report.md'}")
     return 0
 
 

@@ -8,20 +8,25 @@ output_dir/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from warp_rlhf import assets
 from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
 from warp_rlhf.errors import ConfigError
-from warp_rlhf.merge import State
+from warp_rlhf.evaluate import Samples, sample_policy, write_results
+from warp_rlhf.merge import State, copy_into, lerp, model_state
 from warp_rlhf.models import load_causal_lm, load_tokenizer
-from warp_rlhf.reward import METRICS_FILE, RewardModel, train_reward_model
-from warp_rlhf.warp import DONE
+from warp_rlhf.report import timed, write_report
+from warp_rlhf.reward import METRICS_FILE, RewardModel, judge_scores, train_reward_model
+from warp_rlhf.warp import DONE, save_policy, train_reinforce, train_warp, trajectory_files
 
 CONFIG_FILE = "config.yaml"
 SHARED_FIELDS = {"method"}
@@ -80,7 +85,10 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
     if (folder / METRICS_FILE).exists():
         return read_json(folder / METRICS_FILE) | {"reused": True}
     splits = load_splits(config, out)
-    return train_reward_model(config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, folder)
+    with timed(out, "reward model"):
+        return train_reward_model(
+            config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, folder
+        )
 
 
 def reward_function(reward: RewardModel):
@@ -106,8 +114,6 @@ def _training_inputs(config: WarpConfig, out: Path):
 
 def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
     """Train `config.method` (WARP, or the REINFORCE baseline); return its final policy folder."""
-    from warp_rlhf.warp import save_policy, train_reinforce, train_warp
-
     warp = config.method == "warp"
     final = out / FINAL_DIR if warp else out / BASELINE_DIR / FINAL_DIR
     if (final / "config.json").exists():
@@ -118,7 +124,13 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
             f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
         )
     policy, tokenizer, reward, prompts = _training_inputs(config, out)
-    if warp:
+    with timed(out, f"train {config.method}"):
+        _train(config, policy, tokenizer, reward, prompts, out, final)
+    return final
+
+
+def _train(config: WarpConfig, policy, tokenizer, reward, prompts, out: Path, final: Path) -> None:
+    if config.method == "warp":
         merged, summaries = train_warp(config, policy, tokenizer, reward, prompts, out)
         metrics = {"iterations": summaries}
     else:
@@ -126,15 +138,11 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
         merged = load_tensors(trajectory[-1][1])
         metrics = read_json(out / BASELINE_DIR / DONE)
     save_policy(policy, tokenizer, merged, final, config, metrics)
-    return final
 
 
 def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
     """(name, description, weights) of every policy to evaluate: SFT, the LITI front of the WARP
     policy (ν = 1 is `warp`), WARP's earlier iterations θ_slerp^i, and the baseline's trajectory."""
-    from warp_rlhf.merge import lerp, model_state
-    from warp_rlhf.warp import trajectory_files
-
     points: list[tuple[str, dict, Callable[[], State]]] = [("sft", {"kind": "sft", "nu": 0.0}, lambda: sft)]
     if (out / FINAL_DIR / "config.json").exists():
         warp = {
@@ -155,15 +163,7 @@ def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[s
 
 
 def evaluate_stage(config: WarpConfig, out: Path) -> dict:
-    """Evaluate every available policy on the held-out prompts; write eval/ and return results."""
-    import copy
-
-    from tqdm.auto import tqdm
-
-    from warp_rlhf.evaluate import Samples, sample_policy, write_results
-    from warp_rlhf.merge import copy_into, model_state
-    from warp_rlhf.reward import judge_scores
-
+    """Evaluate every available policy on the held-out prompts; write eval/ and report.md."""
     reward_stage(config, out)
     splits = load_splits(config, out)
     device = config.torch_device
@@ -173,20 +173,21 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
     policy = copy.deepcopy(sft_model)
     sft = {k: v.detach().clone() for k, v in model_state(sft_model).items()}
     reward = reward_function(RewardModel.from_pretrained(out / REWARD_DIR, device=device))
-    folder = out / EVAL_DIR
-    evaluated: dict[str, tuple[dict, Samples]] = {}
-    points = evaluation_points(config, out, sft)
-    for name, meta, weights in tqdm(points, desc="Evaluating policies", unit="policy"):
-        cached = folder / "policies" / f"{name}.json"
-        if cached.exists():
-            saved = read_json(cached)
-            evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
-            continue
-        copy_into(policy, {k: v.to(device) for k, v in weights().items()})
-        samples = sample_policy(
-            policy, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
-        )  # fmt: skip
-        write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
-        evaluated[name] = (meta, samples)
-    return write_results(evaluated, folder, out)
+    folder, evaluated = out / EVAL_DIR, {}
+    with timed(out, "evaluate"):
+        for name, meta, weights in tqdm(evaluation_points(config, out, sft), desc="Evaluating policies", unit="policy"):
+            cached = folder / "policies" / f"{name}.json"
+            if cached.exists():
+                saved = read_json(cached)
+                evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
+                continue
+            copy_into(policy, {k: v.to(device) for k, v in weights().items()})
+            samples = sample_policy(
+                policy, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
+            )  # fmt: skip
+            write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
+            evaluated[name] = (meta, samples)
+    results = write_results(evaluated, folder, out)
+    write_report(out, dump_config(config), results)
+    return results
