@@ -31,9 +31,10 @@ def test_run_writes_results_completions_and_plots(tiny_args, tmp_path, capsys):
         assert (out / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "reinforce" / "final" / "config.json").exists()
     report = (out / "report.md").read_text()
-    for expected in ("| sft |", "| warp |", "| reinforce_8 |", "![reward_vs_kl](eval/reward_vs_kl.png)",
-                     "| train warp |", "| train reinforce |", "| evaluate |", "Prompt: `", "iterations: 2"):  # fmt: skip
-        assert expected in report, expected
+    expected = ["| sft |", "| warp |", "| reinforce_8 |", "![reward_vs_kl](eval/reward_vs_kl.png)"]
+    expected += ["| train warp |", "| train reinforce |", "| evaluate |", "Prompt: `", "iterations: 2"]
+    for text in expected:
+        assert text in report, text
     printed = capsys.readouterr().out
     assert "sft" in printed and "warp" in printed and "reinforce_8" in printed
 
@@ -47,3 +48,32 @@ def test_evaluation_is_the_same_for_the_same_seed(tiny_args, tmp_path):
     shutil.rmtree(tmp_path / "run" / "eval")
     assert main(["evaluate", *flags]) == 0
     assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text()) == first
+
+
+def test_sweep_over_the_liti_rate_shares_the_reward_model(tiny_args, tmp_path, capsys):
+    flags = [*tiny_args, *RUN_FLAGS, "--runs", "2", "--iterations", "2", "--trajectory_points", "1"]
+    assert main(["sweep", *flags, "--param", "liti_rate", "--values", "0.2,0.8"]) == 0
+    out = tmp_path / "run"
+    summary = json.loads((out / "sweep" / "summary.json").read_text())
+    assert [row["value"] for row in summary["rows"]] == ["0.2", "0.8"]
+    for value in ("0.2", "0.8"):
+        sub = out / "sweep" / f"liti_rate={value}"
+        assert (sub / "reward_model").is_symlink() and (sub / "eval" / "results.json").exists()
+    assert (out / "sweep" / "fronts.png").exists() and (out / "sweep" / "metrics_vs_value.png").exists()
+    assert "| 0.2 |" in (out / "report.md").read_text()
+    # Different η, same first iteration: iter_1 merges are identical, the final policies are not.
+    first = [
+        json.loads((out / "sweep" / f"liti_rate={v}" / "eval" / "results.json").read_text()) for v in ("0.2", "0.8")
+    ]
+    assert first[0]["policies"]["iter_1"]["reward_mean"] == first[1]["policies"]["iter_1"]["reward_mean"]
+    assert first[0]["policies"]["warp"]["kl_exact_mean"] != first[1]["policies"]["warp"]["kl_exact_mean"]
+    assert "liti_rate=0.2" in capsys.readouterr().out
+
+
+def test_sweep_rejects_a_bad_value_before_running(tiny_args, tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", *tiny_args, "--param", "liti_rate", "--values", "0.2,1.5"])
+    assert stop.value.code == 2 and "liti_rate=1.5 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML file of field: value (default: the embedded default)")
         sub.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         sub.add_argument("--overwrite", action="store_true", help="delete output_dir's earlier run first")
+        if name == "sweep":
+            sub.add_argument("--param", required=True, help="the config field to sweep, e.g. liti_rate")
+            sub.add_argument("--values", required=True, help="comma-separated values, e.g. 0.1,0.3,0.5")
         fields = sub.add_argument_group("config fields (override the file)")
         for field_name, f in FIELDS.items():
             fields.add_argument(f"--{field_name}", metavar="VALUE", help=f.metadata["help"], dest=f"field_{field_name}")
@@ -57,14 +60,6 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
         raise ConfigError(f"unexpected argument '{flag}'")
     prefix = "field_"
     return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-
-
-def _not_built(command: str) -> Callable[[WarpConfig, argparse.Namespace], int]:
-    def run(config: WarpConfig, args: argparse.Namespace) -> int:
-        print(f"warp-rlhf: '{command}' is not built yet", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
 
 
 def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
@@ -130,13 +125,27 @@ def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
     return _run(config, argparse.Namespace(**{**vars(args), "resume": True}))
 
 
+def _sweep(config: WarpConfig, args: argparse.Namespace) -> int:
+    from warp_rlhf.sweep import run_sweep
+
+    values = [v.strip() for v in args.values.split(",") if v.strip()]
+    rows = run_sweep(config, args.param, values, overwrite=args.overwrite)
+    for row in rows:
+        print(
+            f"{args.param}={row['value']:<10} reward {row['reward_mean']:.3f} ± {row['reward_se']:.3f}   "
+            f"KL {row['kl_exact_mean']:.3f} ± {row['kl_exact_se']:.3f}"
+        )
+    print(f"summary, plots and report → {config.output_dir}/sweep, {config.output_dir}/report.md")
+    return 0
+
+
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
     "reward": _reward,
     "train": _train,
     "evaluate": _evaluate,
     "run": _run,
     "demo": _demo,
-    "sweep": _not_built("sweep"),
+    "sweep": _sweep,
 }
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from warp_rlhf.checkpoint import atomic_file  # noqa: E402
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
@@ -57,7 +57,7 @@ def plot_front(policies: dict, metric: str, label: str, path: Path) -> None:
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_training_curves(out: Path, path: Path) -> None:
@@ -78,7 +78,7 @@ def plot_training_curves(out: Path, path: Path) -> None:
     for axes in (top, bottom):
         axes.grid(alpha=0.3)
     top.legend(fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_results(policies: dict, folder: Path, out: Path) -> None:
