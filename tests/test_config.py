@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from warp_rlhf.cli import main
-from warp_rlhf.config import WarpConfig, dump_config, load_config
+from warp_rlhf.config import DEMO_BUDGET, WarpConfig, dump_config, load_config
 from warp_rlhf.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,8 +126,9 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == config
 
 
-def test_demo_yaml_is_the_default():
-    assert load_config(REPO / "configs" / "demo.yaml") == WarpConfig()
+def test_demo_yaml_is_the_embedded_default_with_the_demo_budget():
+    assert load_config(REPO / "configs" / "demo.yaml") == load_config(demo=True)
+    assert load_config(demo=True) == WarpConfig(**DEMO_BUDGET)
 
 
 def test_gpt2_imdb_yaml_is_the_classic_setup():

@@ -89,3 +89,14 @@ def test_rows_slices_a_micro_batch(policy, tokenizer):
     batch = rollout.sample(policy, tokenizer, ["a", "the movie", "it"], temperature=1.0, max_new_tokens=3)
     part = batch.rows(1, 3)
     assert torch.equal(part.input_ids, batch.input_ids[1:3]) and part.prompt_length == batch.prompt_length
+
+
+def test_generation_logits_equal_a_full_forward(policy, tokenizer):
+    torch.manual_seed(2)
+    batch, logits = rollout.sample(
+        policy, tokenizer, ["the movie", "a"], temperature=0.7, max_new_tokens=5, with_logits=True
+    )
+    with torch.no_grad():
+        full = rollout.token_logits(policy, batch, 0.7)
+    mask = batch.completion_mask.bool()
+    assert torch.allclose(torch.log_softmax(logits, -1)[mask], torch.log_softmax(full, -1)[mask], atol=1e-4)

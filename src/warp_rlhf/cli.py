@@ -106,6 +106,12 @@ def results_table(policies: dict) -> str:
         p = policies[name]
         cells = [f"{p[m + '_mean']:.3f} ± {p[m + '_se']:.3f}" for m in ("reward", "judge", "kl_exact", "kl_k1")]
         lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells))
+    if "sft" in policies and "warp" in policies:
+        sft, warp = policies["sft"], policies["warp"]
+        gap, se = warp["reward_mean"] - sft["reward_mean"], (warp["reward_se"] ** 2 + sft["reward_se"] ** 2) ** 0.5
+        lines.append(
+            f"WARP − SFT reward: {gap:.3f} ± {se:.3f} ({gap / se if se else float('inf'):.1f} standard errors)"
+        )
     return "\n".join(lines)
 
 
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        config = load_config(args.config, _overrides(args, extra))
+        config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
         return HANDLERS[args.command](config, args)
     except WarpError as error:
         _fail(str(error))

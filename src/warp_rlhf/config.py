@@ -79,7 +79,7 @@ class WarpConfig:
     # --- WARP (paper Algorithm 1) ---------------------------------------------------------
     iterations: int = _opt("I: WARP iterations (SLERP then LITI each).", 2, *_at_least_1)
     runs: int = _opt("M: independent REINFORCE runs per iteration.", 2, *_at_least_1)
-    steps: int = _opt("T: policy-gradient steps per run.", 12, *_at_least_1)
+    steps: int = _opt("T: policy-gradient steps per run.", 100, *_at_least_1)
     ema_rate: float = _opt(
         "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
         0.01,
@@ -92,7 +92,7 @@ class WarpConfig:
         "beta: KL coefficient in r - beta (log pi - log pi_ema).", 0.1, lambda v: v >= 0, "a number >= 0"
     )
     batch_size: int = _opt("B: completions per policy-gradient step.", 16, *_at_least_1)
-    learning_rate: float = _opt("AdamW learning rate of the policy.", 5e-5, *_positive)
+    learning_rate: float = _opt("AdamW learning rate of the policy.", 3e-5, *_positive)
     temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
     max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
     method: str = _opt(
@@ -255,9 +255,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> WarpConfig:
-    """Defaults, then the YAML file, then command-line overrides (strings), then validation."""
-    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+DEMO_BUDGET: dict[str, Any] = {
+    "steps": 6,
+    "learning_rate": 8e-5,
+    "front_points": 3,
+    "trajectory_points": 2,
+}
+"""`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores."""
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, str] | None = None, *, demo: bool = False
+) -> WarpConfig:
+    """Defaults (or the demo budget), then the YAML file, then command-line overrides, then validation."""
+    values: dict[str, Any] = dict(DEMO_BUDGET) if demo else {}
+    values.update(read_yaml(path) if path is not None else {})
     for name, text in (overrides or {}).items():
         values[name] = parse_value(name, text) if name in FIELDS else text
     for name in values:

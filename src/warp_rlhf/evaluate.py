@@ -3,7 +3,8 @@
 Every policy is sampled on the same prompts with the same seeds. For each completion y ~ π:
 - k1            = Σ_t [log π(y_t|·) − log π_sft(y_t|·)]                 (unbiased, can be < 0)
 - exact-per-token = Σ_t KL(π(·|x, y_<t) ‖ π_sft(·|x, y_<t)) over the vocabulary (unbiased, ≥ 0)
-Both use the sampling distribution softmax(logits / τ). Standard errors are std / sqrt(n)
+Both use the sampling distribution softmax(logits / τ); the policy's logits are those of
+generation itself, the SFT policy's come from one forward. Standard errors are std / sqrt(n)
 (sample std, ddof = 1) over prompts.
 """
 
@@ -84,8 +85,9 @@ def sample_policy(
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
         torch.manual_seed(derived_seed(seed, "eval", index))  # the same seeds for every policy
-        batch = rollout.sample(policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens)
-        logits = rollout.token_logits(policy, batch, temperature)
+        batch, logits = rollout.sample(
+            policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens, with_logits=True
+        )  # the policy's logits come from generation itself: no second forward
         reference = rollout.token_logits(sft, batch, temperature)
         k1 = rollout.sequence_logprobs(logits, batch) - rollout.sequence_logprobs(reference, batch)
         exact = token_kl(logits, reference, batch.completion_mask)

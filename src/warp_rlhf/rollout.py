@@ -68,8 +68,12 @@ def build_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completio
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int) -> Rollout:
-    """Sample one completion per prompt (uses the global torch RNG: seed it first)."""
+def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False):
+    """Sample one completion per prompt (uses the global torch RNG: seed it first).
+
+    With `with_logits`, also returns the sampling logits / τ of every completion position,
+    shape (B, L, V), taken from generation itself (no second forward pass).
+    """
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -85,9 +89,15 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
         min_new_tokens=0,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=with_logits,
     )
     output = model.generate(**batch, generation_config=generation)
-    return build_rollout(batch["input_ids"], batch["attention_mask"], output[:, batch["input_ids"].shape[1] :], eos)
+    completion = output.sequences[:, batch["input_ids"].shape[1] :]
+    result = build_rollout(batch["input_ids"], batch["attention_mask"], completion, eos)
+    if not with_logits:
+        return result
+    return result, torch.stack(output.scores, dim=1).float()  # scores = logits / τ (no other warper)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
