@@ -232,7 +232,7 @@ def test_train_command_refuses_an_unfinished_run_without_resume(tiny_args, tmp_p
     (tmp_path / "run" / "iter_1" / "run_1").mkdir(parents=True)
     with pytest.raises(SystemExit) as stop:
         main(args)
-    assert stop.value.code == 2 and "unfinished WARP run: pass --resume" in capsys.readouterr().err
+    assert stop.value.code == 2 and "unfinished warp run: pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert (tmp_path / "run" / "final" / "config.json").exists()
     assert "from_pretrained" in capsys.readouterr().out

@@ -118,6 +118,21 @@ class WarpConfig:
     max_grad_norm: float | None = _opt("Clip the policy gradient to this norm (null: no clipping).", None, *_positive)
     grad_accumulation_steps: int = _opt("Split each batch into this many micro-batches.", 1, *_at_least_1)
     checkpoint_every: int = _opt("Save a resumable checkpoint every this many steps.", 25, *_at_least_1)
+    precision: str = _opt(
+        "fp32, or bf16 autocast on a GPU (master weights and optimiser stay fp32; CPUs always use fp32).",
+        "fp32",
+        lambda v: v in {"fp32", "bf16"},
+        "one of fp32, bf16",
+    )
+    backend: str = _opt(
+        "local (runs one after another) or ray (the M runs of an iteration as Ray tasks; RAY_ADDRESS honoured).",
+        "local",
+        lambda v: v in {"local", "ray"},
+        "one of local, ray",
+    )
+    ray_num_cpus: float = _opt("CPUs per Ray task (one run).", 1.0, *_positive)
+    ray_num_gpus: float = _opt("GPUs per Ray task (one run).", 0.0, lambda v: v >= 0, "a number >= 0")
+    ray_max_retries: int = _opt("Retries of a failed Ray task; a retry resumes from its checkpoint.", 2, *_at_least_0)
     device: str = _opt(
         "auto (cuda when available), cpu, cuda or cuda:N.",
         "auto",
@@ -256,8 +271,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 DEMO_BUDGET: dict[str, Any] = {
-    "steps": 6,
-    "learning_rate": 8e-5,
+    "steps": 5,
+    "learning_rate": 1e-4,
     "front_points": 3,
     "trajectory_points": 2,
 }

@@ -80,7 +80,7 @@ def sample_policy(
     judge: Callable[[list[str]], list[float]],
     batch_size: int = EVAL_BATCH,
 ) -> Samples:
-    """Sample one completion per prompt from `policy` and score it against `sft`."""
+    """Sample one completion per prompt from `policy` and score it against `sft` (may be `policy`)."""
     samples = Samples()
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
@@ -88,7 +88,7 @@ def sample_policy(
         batch, logits = rollout.sample(
             policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens, with_logits=True
         )  # the policy's logits come from generation itself: no second forward
-        reference = rollout.token_logits(sft, batch, temperature)
+        reference = logits if sft is policy else rollout.token_logits(sft, batch, temperature)
         k1 = rollout.sequence_logprobs(logits, batch) - rollout.sequence_logprobs(reference, batch)
         exact = token_kl(logits, reference, batch.completion_mask)
         completions = rollout.decode(tokenizer, batch)

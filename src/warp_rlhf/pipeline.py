@@ -20,6 +20,7 @@ from warp_rlhf import assets
 from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
+from warp_rlhf.distributed import WorkerJob
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.evaluate import Samples, sample_policy, write_results
 from warp_rlhf.merge import State, copy_into, lerp, model_state
@@ -131,7 +132,8 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
 
 def _train(config: WarpConfig, policy, tokenizer, reward, prompts, out: Path, final: Path) -> None:
     if config.method == "warp":
-        merged, summaries = train_warp(config, policy, tokenizer, reward, prompts, out)
+        job = WorkerJob(assets.resolve_policy(config), str((out / REWARD_DIR).resolve()), prompts)
+        merged, summaries = train_warp(config, policy, tokenizer, reward, prompts, out, job)
         metrics = {"iterations": summaries}
     else:
         trajectory = train_reinforce(config, policy, tokenizer, reward, prompts, out / BASELINE_DIR)
@@ -181,9 +183,11 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
                 saved = read_json(cached)
                 evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
                 continue
-            copy_into(policy, {k: v.to(device) for k, v in weights().items()})
+            evaluated_model = sft_model if name == "sft" else policy  # the SFT policy's KL is 0 by definition
+            if name != "sft":
+                copy_into(policy, {k: v.to(device) for k, v in weights().items()})
             samples = sample_policy(
-                policy, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
+                evaluated_model, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
                 max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
             )  # fmt: skip
             write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})

@@ -16,6 +16,7 @@ an uninterrupted one would, and its final weights are bitwise equal.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from warp_rlhf import rollout
 from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from warp_rlhf.config import WarpConfig, dump_config
+from warp_rlhf.distributed import WorkerJob, run_on_ray
 from warp_rlhf.errors import WarpError
 from warp_rlhf.merge import State, copy_into, ema_update_, liti, model_state, slerp_merge
 
@@ -90,12 +92,38 @@ def advantages(r_beta: torch.Tensor, baseline: str) -> torch.Tensor:
     return r_beta - (r_beta.sum() - r_beta) / (size - 1)
 
 
+def autocast(config: WarpConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for forward passes on a GPU when `precision: bf16`; fp32 otherwise."""
+    if config.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def new_optimizer(policy: torch.nn.Module, config: WarpConfig):
     """Adam (AdamW without weight decay, as the paper) with linear warm-up to a constant rate."""
     from transformers import get_constant_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
     return optimizer, get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+
+
+class PhaseClock:
+    """Wall-clock seconds per phase of a step, as `seconds_<phase>` (the GPU is synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.started = device, time.perf_counter()
+        self.last, self.seconds = self.started, {}
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        key = f"seconds_{phase}"
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.started
 
 
 class Trainer:
@@ -108,28 +136,39 @@ class Trainer:
         self.policy = policy.eval()  # eval(): no dropout; gradients still flow
         self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
         self.policy_state, self.anchor_state = model_state(self.policy), model_state(self.anchor)
+        self.device = next(policy.parameters()).device
+        self.autocast = lambda: autocast(self.config, self.device)
 
     # ---- one REINFORCE step ------------------------------------------------------------
     def step(self, spec: RunSpec, step: int, optimizer, scheduler) -> dict:
         """Sample, score, and take one policy-gradient step; then update the EMA anchor."""
-        config, started = self.config, time.perf_counter()
+        config, clock = self.config, PhaseClock(self.device)
         prompts = prompt_batch(self.prompts, config, spec, step)
         torch.manual_seed(derived_seed(config.seed, spec.iteration, spec.run, "step", step))
-        batch = rollout.sample(
-            self.policy, self.tokenizer, prompts, temperature=config.temperature, max_new_tokens=config.max_new_tokens
-        )
+        with self.autocast():
+            batch = rollout.sample(
+                self.policy,
+                self.tokenizer,
+                prompts,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+            )
+        clock.lap("generate")
         score = self.reward(prompts, rollout.decode(self.tokenizer, batch)).float()
+        clock.lap("reward")
         if not torch.isfinite(score).all():
             raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
         size = config.batch_size // config.grad_accumulation_steps
         micro = [batch.rows(start, start + size) for start in range(0, config.batch_size, size)]
 
         def forward(model, part: rollout.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = rollout.token_logits(model, part, config.temperature)
+            with self.autocast():
+                logits = rollout.token_logits(model, part, config.temperature)
             return rollout.sequence_logprobs(logits, part), logits
 
         with torch.no_grad():
             logp_anchor = torch.cat([forward(self.anchor, part)[0] for part in micro])
+        clock.lap("anchor")
         if len(micro) == 1:  # one forward with grad; r_β uses its detached value
             logp, logits = forward(self.policy, batch)
             logp_values, entropy = logp.detach(), rollout.mean_entropy(logits, batch)
@@ -151,14 +190,17 @@ class Trainer:
                 raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
             loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
             loss_total += loss.item()
+        clock.lap("policy")
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
         learning_rate = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         if spec.anchor_rate > 0:
             ema_update_(self.anchor_state.values(), self.policy_state.values(), spec.anchor_rate)
+        clock.lap("ema")
         lengths = batch.completion_lengths.float()
         return {
             "step": step + 1,
@@ -171,7 +213,10 @@ class Trainer:
             "entropy": entropy,
             "completion_length": lengths.mean().item(),
             "learning_rate": learning_rate,
-            "seconds": time.perf_counter() - started,
+            "tokens": int(batch.attention_mask.sum()),
+            "completion_tokens": int(batch.completion_mask.sum()),
+            "seconds": clock.total(),
+            **clock.seconds,
         }
 
     # ---- one run, resumable ------------------------------------------------------------
@@ -266,22 +311,38 @@ def _run_files(folders: list[Path]) -> Callable[[int, str], torch.Tensor]:
 
 
 def train_warp(
-    config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[str], out: Path
+    config: WarpConfig,
+    policy,
+    tokenizer,
+    reward: RewardFn,
+    prompts: list[str],
+    out: Path,
+    job: WorkerJob | None = None,
 ) -> tuple[State, list[dict]]:
-    """Algorithm 1. Returns θ_slerp^I (on CPU) and one summary per iteration."""
-    trainer = Trainer(config, policy, tokenizer, reward, prompts)
+    """Algorithm 1. Returns θ_slerp^I (on CPU) and one summary per iteration.
+
+    With `backend: ray` the runs of an iteration are Ray tasks rebuilt from `job`.
+    """
+    if config.backend == "ray" and job is None:
+        raise WarpError("backend: ray needs the policy and reward-model folders: use warp_rlhf.pipeline.train_stage")
+    trainer = Trainer(config, policy, tokenizer, reward, prompts) if config.backend == "local" else None
     device = next(policy.parameters()).device
-    init = {name: tensor.detach().to("cpu", copy=True) for name, tensor in trainer.policy_state.items()}
+    init = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model_state(policy).items()}
     summaries, merged = [], init
     for iteration in range(1, config.iterations + 1):
         folder = out / f"iter_{iteration}"
         merged_path = folder / "slerp.safetensors"
         specs = [RunSpec(iteration, m, folder / f"run_{m}", config.ema_rate) for m in range(1, config.runs + 1)]
         if not merged_path.exists():
-            init_on_device = {name: t.to(device) for name, t in init.items()}
-            for spec in specs:
-                trainer.run(spec, init_on_device, config.steps)
-            del init_on_device
+            pending = [spec for spec in specs if not (spec.folder / DONE).exists()]
+            if trainer is None:
+                save_tensors(folder / "init.safetensors", init)
+                run_on_ray(config, job, pending, folder / "init.safetensors")
+            else:
+                init_on_device = {name: t.to(device) for name, t in init.items()}
+                for spec in pending:
+                    trainer.run(spec, init_on_device, config.steps)
+                del init_on_device
             merged = slerp_merge(init, _run_files([s.folder for s in specs]), config.runs, config.resolved_slerp_lambda)
             save_tensors(merged_path, merged)
         merged = load_tensors(merged_path)
