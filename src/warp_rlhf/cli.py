@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from warp_rlhf.config import FIELDS, WarpConfig, load_config, unknown_field
 from warp_rlhf.errors import ConfigError, WarpError
@@ -162,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    created = None
     try:
         config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
+        created = None if Path(config.output_dir).exists() else Path(config.output_dir)
         return HANDLERS[args.command](config, args)
     except WarpError as error:
+        if created is not None:  # a new folder that this failed command began: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
         _fail(str(error))
     return EXIT_USAGE
 

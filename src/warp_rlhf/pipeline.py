@@ -21,10 +21,10 @@ from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
 from warp_rlhf.distributed import WorkerJob
-from warp_rlhf.errors import ConfigError
+from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.evaluate import Samples, sample_policy, write_results
 from warp_rlhf.merge import State, copy_into, lerp, model_state
-from warp_rlhf.models import load_causal_lm, load_tokenizer
+from warp_rlhf.models import context_window, load_causal_lm, load_tokenizer, model_config
 from warp_rlhf.report import timed, write_report
 from warp_rlhf.reward import METRICS_FILE, RewardModel, judge_scores, train_reward_model
 from warp_rlhf.warp import DONE, save_policy, train_reinforce, train_warp, trajectory_files
@@ -39,8 +39,26 @@ FINAL_DIR = "final"
 BASELINE_DIR = "reinforce"
 
 
+def check_models(config: WarpConfig) -> None:
+    """Fail early, before anything is written, on models that cannot serve their role."""
+    policy = model_config(assets.resolve_policy(config), "policy", trust_remote_code=config.trust_remote_code)
+    architectures = getattr(policy, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelError(f"policy {config.policy} is a {architectures[0]}, not a causal language model")
+    window, needed = context_window(policy), config.prompt_max_tokens + config.max_new_tokens
+    if window is not None and needed > window:
+        raise ConfigError(
+            f"prompt_max_tokens + max_new_tokens = {needed} is out of range: the policy's context window is {window}"
+        )
+    backbone = model_config(assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code)
+    heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    if heads and backbone.num_labels != 1:
+        raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
+
+
 def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
-    """Claim `output_dir` for this config: refuse a folder that holds a different run."""
+    """Check the models, then claim `output_dir` for this config (refusing a folder of another run)."""
+    check_models(config)
     out = Path(config.output_dir)
     saved = out / CONFIG_FILE
     if saved.exists() and not overwrite:

@@ -16,7 +16,7 @@ import torch
 from warp_rlhf.checkpoint import atomic_dir, write_json
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ModelError
-from warp_rlhf.models import load_tokenizer
+from warp_rlhf.models import load_tokenizer, loading
 
 METRICS_FILE = "metrics.json"
 
@@ -37,7 +37,8 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with loading(str(path), "reward model"):
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return cls(model.to(device), tokenizer)
 
     @torch.no_grad()
@@ -93,9 +94,10 @@ def train_reward_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "newly initialised head" for the score layer
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone, num_labels=1, trust_remote_code=config.trust_remote_code
-        )
+        with loading(backbone, "reward_model"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                backbone, num_labels=1, trust_remote_code=config.trust_remote_code
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id

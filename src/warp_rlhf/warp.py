@@ -145,14 +145,19 @@ class Trainer:
         config, clock = self.config, PhaseClock(self.device)
         prompts = prompt_batch(self.prompts, config, spec, step)
         torch.manual_seed(derived_seed(config.seed, spec.iteration, spec.run, "step", step))
-        with self.autocast():
-            batch = rollout.sample(
-                self.policy,
-                self.tokenizer,
-                prompts,
-                temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens,
-            )
+        try:
+            with self.autocast():
+                batch = rollout.sample(
+                    self.policy,
+                    self.tokenizer,
+                    prompts,
+                    temperature=config.temperature,
+                    max_new_tokens=config.max_new_tokens,
+                )
+        except RuntimeError as error:  # torch.multinomial refuses inf / NaN probabilities
+            if "inf" not in str(error) and "nan" not in str(error):
+                raise
+            raise TrainingError(f"{spec.name} step {step + 1}: the policy's probabilities are not finite") from None
         clock.lap("generate")
         score = self.reward(prompts, rollout.decode(self.tokenizer, batch)).float()
         clock.lap("reward")

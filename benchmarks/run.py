@@ -1,0 +1,252 @@
+"""One command, one run: our WARP step against TRL's RLOOTrainer and against the hardware.
+
+    .venv/bin/python benchmarks/run.py            (or: make bench)
+
+On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens:
+- our RL step: samples/s and the split of a step (generate, reward, anchor, policy, optimizer, ema);
+- TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
+  synced as an EMA every step: samples/s, and the ratio;
+- model-FLOPs utilisation of our step against the fp32 matmul peak measured in this run;
+- SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
+- peak resident memory of a training process against the lower bound (policy + grads + Adam
+  states + anchor + init + reward model bytes).
+Each measurement runs in its own process (one at a time, so they never share the 2 cores),
+and writes benchmarks/results.json and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BATCH, NEW_TOKENS, MAX_PROMPT_TOKENS, MU, BETA, LR = 16, 24, 16, 0.01, 0.1, 1e-5
+
+
+def _embedded():
+    import torch
+
+    from warp_rlhf import assets
+    from warp_rlhf.config import WarpConfig
+    from warp_rlhf.data import load_reviews, split_reviews
+    from warp_rlhf.models import load_causal_lm, load_tokenizer
+    from warp_rlhf.reward import RewardModel
+
+    config = WarpConfig(
+        batch_size=BATCH, max_new_tokens=NEW_TOKENS, ema_rate=MU, beta=BETA, learning_rate=LR, device="cpu",
+        prompt_min_tokens=4, prompt_max_tokens=MAX_PROMPT_TOKENS, reward_train_pairs=10, reward_eval_pairs=10,
+        rl_prompts=256, eval_prompts=10,
+    )  # fmt: skip
+    policy_path = assets.resolve_policy(config)
+    tokenizer = load_tokenizer(policy_path, padding_side="left")
+    prompts = split_reviews(load_reviews(config), config, tokenizer).rl_prompts
+    from transformers import AutoModelForSequenceClassification
+
+    backbone = assets.resolve_backbone(config)
+    torch.manual_seed(0)
+    reward_model = RewardModel(
+        AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1), load_tokenizer(backbone)
+    )
+    return config, policy_path, tokenizer, prompts, reward_model, load_causal_lm
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_ours(steps: int) -> dict:
+    """Our Trainer.step on SmolLM2: seconds per phase, FLOPs, and the process's peak RSS."""
+    from warp_rlhf.warp import RunSpec, Trainer, new_optimizer
+
+    config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
+    policy = load_causal_lm(policy_path)
+
+    def reward(batch_prompts, completions):
+        return reward_model.score([p + c for p, c in zip(batch_prompts, completions, strict=True)])
+
+    trainer = Trainer(config, policy, tokenizer, reward, prompts)
+    optimizer, scheduler = new_optimizer(policy, config)
+    spec = RunSpec(1, 1, Path(tempfile.mkdtemp()), MU)
+    rows = [trainer.step(spec, step, optimizer, scheduler) for step in range(steps + 1)][1:]  # first: warm-up
+    n_params = sum(p.numel() for p in policy.parameters())
+    phases = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds")}
+    tokens = sum(r["tokens"] for r in rows) / len(rows)
+    completion_tokens = sum(r["completion_tokens"] for r in rows) / len(rows)
+    # 6N per trained token (forward + backward), 2N per anchor token and per generated token.
+    flops = 6 * n_params * tokens + 2 * n_params * tokens + 2 * n_params * completion_tokens
+    reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
+    policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    return {
+        "seconds_per_step": phases["seconds"],
+        "samples_per_second": BATCH / phases["seconds"],
+        "phases": phases,
+        "flops_per_step": flops,
+        "n_params": n_params,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        # policy + grads + Adam (2 moments) + anchor + init, and the reward model
+        "lower_bound_bytes": 6 * policy_bytes + reward_bytes,
+    }
+
+
+def measure_trl(steps: int) -> dict:
+    """TRL's RLOOTrainer with the same model, batch, lengths, reward and an EMA reference."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
+
+    def reward(prompts, completions, **kwargs):
+        return reward_model.score([p + c for p, c in zip(prompts, completions, strict=True)]).tolist()
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        args = RLOOConfig(
+            output_dir=out, per_device_train_batch_size=BATCH, num_generations=2, max_completion_length=NEW_TOKENS,
+            temperature=config.temperature, top_k=0, top_p=1.0, beta=BETA, learning_rate=LR, max_steps=steps + 1,
+            sync_ref_model=True, ref_model_mixup_alpha=MU, ref_model_sync_steps=1, use_cpu=True, bf16=False,
+            activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
+            disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = RLOOTrainer(
+            model=policy_path, reward_funcs=reward, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[clock],
+        )  # fmt: skip
+        trainer.train()
+    durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1:]  # first: warm-up
+    seconds = sum(durations) / len(durations)
+    return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations)}
+
+
+def measure_peak() -> dict:
+    """fp32 matmul throughput (GFLOP/s), the best of several 2048 x 2048 products."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * 2048**3 / (time.perf_counter() - started))
+    return {"fp32_matmul_flops": best}
+
+
+def measure_merge() -> dict:
+    """SLERP of M = 2 SmolLM2-sized policies against one torch.add over the same tensors."""
+    import torch
+
+    from warp_rlhf.merge import model_state, slerp_merge
+
+    _, policy_path, *_, load_causal_lm = _embedded()
+    init = {k: v.detach() for k, v in model_state(load_causal_lm(policy_path)).items()}
+    generator = torch.Generator().manual_seed(0)
+    runs = [{k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in init.items()} for _ in range(2)]
+
+    def best_of(function, repeats=3) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    merge = best_of(lambda: slerp_merge(init, lambda m, name: runs[m][name], 2, 0.5))
+    add = best_of(lambda: {k: torch.add(runs[0][k], runs[1][k]) for k in init})
+    return {"merge_seconds": merge, "add_seconds": add}
+
+
+MEASUREMENTS = {"ours": measure_ours, "trl": measure_trl, "peak": measure_peak, "merge": measure_merge}
+
+
+def _child(name: str, steps: int) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, __file__, "--only", name, "--steps", str(steps)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-4000:])
+        raise SystemExit(f"benchmark '{name}' failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="measured steps (after one warm-up step)")
+    parser.add_argument("--only", choices=list(MEASUREMENTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(MEASUREMENTS[args.only](args.steps)))
+        return
+    results = {}
+    for name in ("peak", "ours", "trl", "merge"):
+        print(f"measuring {name} …", file=sys.stderr, flush=True)
+        results[name] = _child(name, args.steps)
+    ours, trl = results["ours"], results["trl"]
+    summary = {
+        "ratio_vs_trl": ours["samples_per_second"] / trl["samples_per_second"],
+        "mfu": ours["flops_per_step"] / ours["seconds_per_step"] / results["peak"]["fp32_matmul_flops"],
+        "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
+        "rss_vs_bound": ours["peak_rss_bytes"] / ours["lower_bound_bytes"],
+    }
+    results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads()}
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "RESULTS.md").write_text(results_markdown(results))
+    print(json.dumps(summary, indent=2))
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def results_markdown(results: dict) -> str:
+    d = results["details"]
+    phases = d["ours"]["phases"]
+    split = "\n".join(f"| {k.removeprefix('seconds_')} | {v:.2f} |" for k, v in phases.items() if k != "seconds")
+    return f"""# Benchmark results
+
+Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
+SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} torch threads.
+
+| metric | value | target |
+|---|---|---|
+| ratio_vs_trl (our samples/s ÷ TRL RLOOTrainer samples/s) | {results["ratio_vs_trl"]:.2f} | ≥ 1.5 |
+| mfu (model FLOPs/s ÷ fp32 matmul peak) | {results["mfu"]:.2f} | ≥ 0.6 |
+| merge_vs_add (SLERP of 2 policies ÷ one torch.add pass) | {results["merge_vs_add"]:.2f} | ≤ 2 |
+| rss_vs_bound (peak RSS ÷ weights, grads, Adam, anchor, init, reward model) | {results["rss_vs_bound"]:.2f} | ≤ 1.3 |
+
+| measurement | value |
+|---|---|
+| our step | {d["ours"]["seconds_per_step"]:.2f} s, {d["ours"]["samples_per_second"]:.2f} samples/s |
+| TRL RLOOTrainer step | {d["trl"]["seconds_per_step"]:.2f} s, {d["trl"]["samples_per_second"]:.2f} samples/s |
+| fp32 matmul peak | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
+| model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
+| SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
+| peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / 2**30:.2f} GiB / {d["ours"]["lower_bound_bytes"] / 2**30:.2f} GiB |
+
+Split of our step (seconds):
+
+| phase | seconds |
+|---|---|
+{split}
+"""
+
+
+if __name__ == "__main__":
+    main()
