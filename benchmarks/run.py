@@ -217,6 +217,7 @@ def _threads() -> int:
 
 def results_markdown(results: dict) -> str:
     d = results["details"]
+    gib = 2**30
     phases = d["ours"]["phases"]
     split = "\n".join(f"| {k.removeprefix('seconds_')} | {v:.2f} |" for k, v in phases.items() if k != "seconds")
     return f"""# Benchmark results
@@ -238,7 +239,7 @@ SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {res
 | fp32 matmul peak | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
 | model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
 | SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
-| peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / 2**30:.2f} GiB / {d["ours"]["lower_bound_bytes"] / 2**30:.2f} GiB |
+| peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / gib:.2f} / {d["ours"]["lower_bound_bytes"] / gib:.2f} GiB |
 
 Split of our step (seconds):
 

@@ -1,5 +1,7 @@
 """backend: ray against backend: local on a real local Ray instance (no mocks)."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,6 +29,8 @@ def test_ray_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_pa
         assert main(["train", *local, *FLAGS]) == 0
     finally:
         torch.set_num_threads(threads)
+    for shared in ("reward_model", "data"):  # compare WARP, not two reward-model trainings
+        shutil.copytree(tmp_path / "local" / shared, tmp_path / "ray" / shared)
     remote = [*tiny_args, "--output_dir", str(tmp_path / "ray")]
     assert main(["train", *remote, *FLAGS, "--backend", "ray", "--ray_num_cpus", "1"]) == 0
     for name in ("iter_1/run_1/policy.safetensors", "iter_1/run_2/policy.safetensors", "final/model.safetensors"):

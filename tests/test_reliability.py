@@ -68,7 +68,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_left(case, flags, message, tin
         main(["reward", *tiny_args, *flags(bad_inputs, tiny_backbone)])
     err = capsys.readouterr().err
     assert stop.value.code == 2
-    assert err.count("\n") == 1 and message in err, err
+    errors = [line for line in err.splitlines() if "error" in line]  # progress bars may precede it
+    assert len(errors) == 1 and errors[0].startswith("warp-rlhf: error: ") and message in errors[0], err
+    assert err.endswith(errors[0] + "\n")
     assert not (tmp_path / "run").exists()
 
 

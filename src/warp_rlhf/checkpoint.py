@@ -68,6 +68,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete what killed writers left in `folder` (not below it): their temporary names.
+
+    Call it only where no other live process writes: each run folder has one writer at a time.
+    """
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    for leftover in Path(folder).glob(".*.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)

@@ -14,12 +14,13 @@ import torch
 from warp_rlhf.errors import ModelError
 
 
-def _check_exists(name: str, what: str) -> None:
+def _check_exists(name: str, what: str, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """A local path must exist and hold one of `markers`; hub names are left to the hub."""
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ModelError(f"{what} {name} does not exist")
-    if path.is_file() or (path.is_dir() and not (path / "config.json").exists()):
-        raise ModelError(f"{what} {name} is not a model folder (no config.json)")
+    if path.is_file() or (path.is_dir() and not any((path / marker).exists() for marker in markers)):
+        raise ModelError(f"{what} {name} is not a model folder (no {markers[0]})")
 
 
 @contextlib.contextmanager
@@ -38,7 +39,7 @@ def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code:
     """A tokenizer with a pad token (the EOS token, else UNK, when it has none)."""
     from transformers import AutoTokenizer
 
-    _check_exists(name, "tokenizer")
+    _check_exists(name, "tokenizer", ("tokenizer_config.json", "tokenizer.json", "config.json"))
     with loading(name, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

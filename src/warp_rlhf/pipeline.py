@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from warp_rlhf import assets
-from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
+from warp_rlhf.checkpoint import load_tensors, read_json, remove_temporaries, write_json, write_text
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
 from warp_rlhf.data import Splits, load_reviews, split_reviews
 from warp_rlhf.distributed import WorkerJob
@@ -78,6 +78,7 @@ def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
         if overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)
         write_text(saved, dump_config(config))
     except OSError as error:
         raise ConfigError(f"output_dir {out} cannot be written: {error.strerror or error}") from None

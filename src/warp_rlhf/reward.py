@@ -84,10 +84,11 @@ def train_reward_model(
     The folder appears only when complete; its `metrics.json` holds held-out pairwise accuracy.
     """
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
     started = time.perf_counter()
+    set_seed(config.seed)  # the new score head is initialised from the global RNG
     tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
     from transformers.utils import logging as hf_logging
 

@@ -33,7 +33,14 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from warp_rlhf import rollout
-from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from warp_rlhf.checkpoint import (
+    atomic_dir,
+    load_tensors,
+    read_json,
+    remove_temporaries,
+    save_tensors,
+    write_json,
+)
 from warp_rlhf.config import WarpConfig, dump_config
 from warp_rlhf.distributed import WorkerJob, run_on_ray
 from warp_rlhf.errors import WarpError
@@ -231,6 +238,7 @@ class Trainer:
         After each step k in `snapshots`, the policy is also saved as step_<k>.safetensors.
         """
         folder = spec.folder
+        remove_temporaries(folder)
         if (folder / DONE).exists():
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -337,6 +345,7 @@ def train_warp(
     for iteration in range(1, config.iterations + 1):
         folder = out / f"iter_{iteration}"
         merged_path = folder / "slerp.safetensors"
+        remove_temporaries(folder)
         specs = [RunSpec(iteration, m, folder / f"run_{m}", config.ema_rate) for m in range(1, config.runs + 1)]
         if not merged_path.exists():
             pending = [spec for spec in specs if not (spec.folder / DONE).exists()]
