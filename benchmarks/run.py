@@ -63,7 +63,7 @@ def _peak_rss_bytes() -> int:
 
 def measure_ours(steps: int) -> dict:
     """Our Trainer.step on SmolLM2: seconds per phase, FLOPs, and the process's peak RSS."""
-    from warp_rlhf.warp import RunSpec, Trainer, new_optimizer
+    from warp_rlhf.warp import RunSpec, Trainer
 
     config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
     policy = load_causal_lm(policy_path)
@@ -72,9 +72,10 @@ def measure_ours(steps: int) -> dict:
         return reward_model.score([p + c for p, c in zip(batch_prompts, completions, strict=True)])
 
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
-    optimizer, scheduler = new_optimizer(policy, config)
-    spec = RunSpec(1, 1, Path(tempfile.mkdtemp()), MU)
-    rows = [trainer.step(spec, step, optimizer, scheduler) for step in range(steps + 1)][1:]  # first: warm-up
+    init = {name: tensor.detach().clone() for name, tensor in trainer.policy_state.items()}  # as train_warp holds it
+    with tempfile.TemporaryDirectory() as folder:
+        trainer.run(RunSpec(1, 1, Path(folder), MU), init, steps + 1)  # the real code path, checkpoint files included
+        rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()][1:]
     n_params = sum(p.numel() for p in policy.parameters())
     phases = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds")}
     tokens = sum(r["tokens"] for r in rows) / len(rows)
@@ -132,7 +133,7 @@ def measure_trl(steps: int) -> dict:
     return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations)}
 
 
-def measure_peak() -> dict:
+def measure_peak(steps: int = 0) -> dict:
     """fp32 matmul throughput (GFLOP/s), the best of several 2048 x 2048 products."""
     import torch
 
@@ -147,7 +148,7 @@ def measure_peak() -> dict:
     return {"fp32_matmul_flops": best}
 
 
-def measure_merge() -> dict:
+def measure_merge(steps: int = 0) -> dict:
     """SLERP of M = 2 SmolLM2-sized policies against one torch.add over the same tensors."""
     import torch
 

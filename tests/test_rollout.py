@@ -100,3 +100,13 @@ def test_generation_logits_equal_a_full_forward(policy, tokenizer):
         full = rollout.token_logits(policy, batch, 0.7)
     mask = batch.completion_mask.bool()
     assert torch.allclose(torch.log_softmax(logits, -1)[mask], torch.log_softmax(full, -1)[mask], atol=1e-4)
+
+
+def test_sample_categorical_draws_from_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, float("-inf")], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    draws = torch.stack([rollout.sample_categorical(logits) for _ in range(20000)])
+    for row in range(2):
+        frequency = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        assert torch.allclose(frequency, torch.softmax(logits[row], -1), atol=0.012), frequency
+    assert (draws[:, 0] != 4).all()  # a zero-probability token is never drawn

@@ -96,10 +96,9 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically (shared storage is cloned)."""
-    owned = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    """Save a flat dict of tensors (no two sharing memory) as safetensors, atomically, without copies."""
     with atomic_file(path) as tmp:
-        save_file(owned, str(tmp), metadata=metadata)
+        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from warp_rlhf.config import WarpConfig, dump_config
 from warp_rlhf.distributed import WorkerJob, run_on_ray
 from warp_rlhf.errors import WarpError
 from warp_rlhf.merge import State, copy_into, ema_update_, liti, model_state, slerp_merge
+from warp_rlhf.runtime import keep_freed_memory
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
@@ -144,6 +145,8 @@ class Trainer:
         self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
         self.policy_state, self.anchor_state = model_state(self.policy), model_state(self.anchor)
         self.device = next(policy.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.autocast = lambda: autocast(self.config, self.device)
 
     # ---- one REINFORCE step ------------------------------------------------------------
