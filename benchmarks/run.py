@@ -247,7 +247,8 @@ Split of our step (seconds):
 | phase | seconds |
 |---|---|
 {split}
-"""
+
+{(HERE / "NOTES.md").read_text()}"""
 
 
 if __name__ == "__main__":

@@ -139,3 +139,20 @@ def test_tied_weights_appear_once_and_non_float_buffers_are_left_alone():
     assert torch.equal(model.head.weight, torch.ones(5, 3)) and torch.equal(model.ids, torch.arange(5))
     with pytest.raises(KeyError):
         copy_into(model, {"other": torch.ones(5, 3)})
+
+
+@pytest.mark.parametrize("runs", [1, 2, 3, 4])
+def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs):
+    g = torch.Generator().manual_seed(runs)
+    init = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g), "big": torch.randn(300, generator=g)}
+    finals = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(runs)]
+    merged = slerp_merge(init, lambda m, name: finals[m][name], runs, None)
+    for name, base in init.items():
+        expected = base + slerp_task_vectors([f[name] - base for f in finals])
+        assert merged[name].shape == base.shape
+        assert torch.allclose(merged[name], expected, atol=1e-5), name
+    if runs > 2:  # the iterative merge is uniform: hand-check M = 3
+        d = [f["big"] - init["big"] for f in finals]
+        assert torch.allclose(
+            slerp_task_vectors(d[:3]), hand_slerp(hand_slerp(d[0], d[1], 0.5), d[2], 1 / 3), atol=1e-5
+        )

@@ -55,27 +55,34 @@ def lerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.lerp(a, b, weight)
 
 
-def slerp(delta_1: torch.Tensor, delta_2: torch.Tensor, weight: float) -> torch.Tensor:
-    """Spherical interpolation of two task vectors (paper Eq. 3, per tensor, flattened).
+def slerp_coefficients(norm_1: float, norm_2: float, dot: float, weight: float) -> tuple[float, float]:
+    """(c1, c2) with SLERP(δ1, δ2; λ) = c1 δ1 + c2 δ2 (paper Eq. 3).
 
-    cos Ω = ⟨δ1, δ2⟩ / (‖δ1‖ ‖δ2‖), clamped to [−1, 1];
-    SLERP(δ1, δ2; λ) = sin((1 − λ)Ω) / sin Ω · δ1 + sin(λΩ) / sin Ω · δ2.
-    Falls back to LERP where a norm is zero or sin Ω < SIN_EPSILON (near-collinear), so the
-    result is never NaN. λ = 0 gives δ1 and λ = 1 gives δ2.
+    cos Ω = ⟨δ1, δ2⟩ / (‖δ1‖ ‖δ2‖), clamped to [−1, 1]; c1 = sin((1 − λ)Ω) / sin Ω,
+    c2 = sin(λΩ) / sin Ω. LERP's (1 − λ, λ) where a norm is zero, a value is not finite, or
+    sin Ω < SIN_EPSILON (near-collinear), so the result is never NaN.
     """
-    a, b = delta_1.reshape(-1), delta_2.reshape(-1)
-    dot = torch.dot(a.float(), b.float()).item()
-    norm_1, norm_2 = a.float().norm().item(), b.float().norm().item()
-    if norm_1 == 0.0 or norm_2 == 0.0 or not math.isfinite(dot):
-        return lerp(delta_1, delta_2, weight)
-    cos_omega = max(-1.0, min(1.0, dot / (norm_1 * norm_2)))
-    omega = math.acos(cos_omega)
+    if norm_1 == 0.0 or norm_2 == 0.0 or not math.isfinite(dot * norm_1 * norm_2):
+        return 1.0 - weight, weight
+    omega = math.acos(max(-1.0, min(1.0, dot / (norm_1 * norm_2))))
     sin_omega = math.sin(omega)
     if sin_omega < SIN_EPSILON:
-        return lerp(delta_1, delta_2, weight)
-    coef_1 = math.sin((1.0 - weight) * omega) / sin_omega
-    coef_2 = math.sin(weight * omega) / sin_omega
-    return torch.add(delta_1 * coef_1, delta_2, alpha=coef_2)
+        return 1.0 - weight, weight
+    return math.sin((1.0 - weight) * omega) / sin_omega, math.sin(weight * omega) / sin_omega
+
+
+def slerp(delta_1: torch.Tensor, delta_2: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation of two task vectors, per tensor (flattened); λ = 0 gives δ1, λ = 1 gives δ2."""
+    a, b = delta_1.reshape(-1).float(), delta_2.reshape(-1).float()
+    c1, c2 = slerp_coefficients(a.norm().item(), b.norm().item(), torch.dot(a, b).item(), weight)
+    return torch.add(delta_1 * c1, delta_2, alpha=c2)
+
+
+def _weights(runs: int, weight: float | None) -> list[float]:
+    """λ for merging run m into the running merge: λ for M = 2, else 1/2, 1/3, …, 1/M."""
+    if runs == 2:
+        return [0.5 if weight is None else weight]
+    return [1.0 / m for m in range(2, runs + 1)]
 
 
 def slerp_task_vectors(deltas: list[torch.Tensor], weight: float | None = None) -> torch.Tensor:
@@ -84,29 +91,45 @@ def slerp_task_vectors(deltas: list[torch.Tensor], weight: float | None = None) 
     M = 1: the vector itself. M = 2: SLERP(δ1, δ2; λ). M > 2: s2 = SLERP(δ1, δ2; 1/2),
     s_m = SLERP(s_{m−1}, δ_m; 1/m) — the uniform iterative merge (weight must be 1/M or None).
     """
-    if len(deltas) == 1:
-        return deltas[0]
-    if len(deltas) == 2:
-        return slerp(deltas[0], deltas[1], 0.5 if weight is None else weight)
-    merged = slerp(deltas[0], deltas[1], 0.5)
-    for m, delta in enumerate(deltas[2:], start=3):
-        merged = slerp(merged, delta, 1.0 / m)
+    merged = deltas[0]
+    for delta, lam in zip(deltas[1:], _weights(len(deltas), weight), strict=False):
+        merged = slerp(merged, delta, lam)
     return merged
 
 
+@torch.no_grad()
 def slerp_merge(
     init: State, load_run_tensor: Callable[[int, str], torch.Tensor], runs: int, weight: float | None
 ) -> State:
     """θ_slerp = θ_init + SLERP(θ_1 − θ_init, …, θ_M − θ_init), tensor by tensor (Alg. 1).
 
-    `load_run_tensor(m, name)` returns run m's tensor `name`, so finished runs can stay on
-    disk and only one tensor of each is in memory at a time. Merging full weights instead of
-    task vectors behaves like LERP (paper Fig. 10c), so the init is always subtracted first.
+    `load_run_tensor(m, name)` returns run m's tensor `name`, so finished runs stay on disk and
+    one tensor of each is in memory at a time. The two task vectors being merged live in one
+    reused (2, n) buffer: one product gives their norms and dot product, and one `addmm` writes
+    θ_init + c1 δ1 + c2 δ2 — the only new memory is the result. Merging full weights instead of
+    task vectors would behave like LERP (paper Fig. 10c), so the init is always subtracted first.
     """
+    size = max(t.numel() for t in init.values())
+    buffers: dict[torch.dtype, torch.Tensor] = {}
     merged: State = {}
     for name, base in init.items():
-        deltas = [load_run_tensor(m, name).to(base.dtype) - base for m in range(runs)]
-        merged[name] = base + slerp_task_vectors(deltas, weight)
+        flat = base.reshape(-1)
+        pair = buffers.setdefault(base.dtype, torch.empty(2, size, dtype=base.dtype, device=base.device))[
+            :, : flat.numel()
+        ]
+        torch.sub(load_run_tensor(0, name).reshape(-1).to(pair), flat, out=pair[0])
+        if runs == 1:
+            merged[name] = (flat + pair[0]).reshape(base.shape)
+            continue
+        for m, lam in enumerate(_weights(runs, weight), start=1):
+            torch.sub(load_run_tensor(m, name).reshape(-1).to(pair), flat, out=pair[1])
+            gram = (pair.float() @ pair.float().T).tolist()
+            c1, c2 = slerp_coefficients(math.sqrt(gram[0][0]), math.sqrt(gram[1][1]), gram[0][1], lam)
+            if m < runs - 1:
+                pair[0].mul_(c1).add_(pair[1], alpha=c2)
+            else:
+                coefficients = torch.tensor([[c1, c2]], dtype=base.dtype, device=base.device)
+                merged[name] = torch.addmm(flat.unsqueeze(0), coefficients, pair).reshape(base.shape)
     return merged
 
 
