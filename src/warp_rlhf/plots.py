@@ -49,10 +49,10 @@ def plot_front(policies: dict, metric: str, label: str, path: Path) -> None:
                 xerr, yerr, names = [sft["kl_exact_se"], *xerr], [sft[f"{metric}_se"], *yerr], ["ν=0", *names]
         if x:
             axes.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, **style)
-        if kind in {"liti", "reinforce"}:
+        if kind != "sft":
             for xi, yi, name in zip(x, y, names, strict=True):
-                axes.annotate(name.replace("liti_", "ν=").replace("reinforce_", "step "), (xi, yi), fontsize=7,
-                              xytext=(4, -10), textcoords="offset points")  # fmt: skip
+                label = name.replace("liti_", "ν=").replace("reinforce_", "step ").replace("iter_", "iteration ")
+                axes.annotate(label, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
     axes.set_xlabel("KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)")
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
