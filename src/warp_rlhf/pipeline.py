@@ -120,8 +120,8 @@ def reward_function(reward: RewardModel):
     return score
 
 
-def _training_inputs(config: WarpConfig, out: Path):
-    """(policy, tokenizer, r(x, y), RL prompts) for a training stage."""
+def _stage_inputs(config: WarpConfig, out: Path):
+    """(SFT policy on its device, its tokenizer, r(x, y), splits), training the reward model if needed."""
     reward_stage(config, out)
     splits = load_splits(config, out)
     device = config.torch_device
@@ -129,7 +129,7 @@ def _training_inputs(config: WarpConfig, out: Path):
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     reward = RewardModel.from_pretrained(out / REWARD_DIR, device=device)
-    return policy, tokenizer, reward_function(reward), splits.rl_prompts
+    return policy, tokenizer, reward_function(reward), splits
 
 
 def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
@@ -143,9 +143,9 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
         raise ConfigError(
             f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
         )
-    policy, tokenizer, reward, prompts = _training_inputs(config, out)
+    policy, tokenizer, reward, splits = _stage_inputs(config, out)
     with timed(out, f"train {config.method}"):
-        _train(config, policy, tokenizer, reward, prompts, out, final)
+        _train(config, policy, tokenizer, reward, splits.rl_prompts, out, final)
     return final
 
 
@@ -185,15 +185,11 @@ def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[s
 
 def evaluate_stage(config: WarpConfig, out: Path) -> dict:
     """Evaluate every available policy on the held-out prompts; write eval/ and report.md."""
-    reward_stage(config, out)
-    splits = load_splits(config, out)
-    device = config.torch_device
-    policy_path = assets.resolve_policy(config)
-    sft_model = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device).eval()
-    tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    sft_model, tokenizer, reward, splits = _stage_inputs(config, out)
+    sft_model.eval()
+    device = next(sft_model.parameters()).device
     policy = copy.deepcopy(sft_model)
     sft = {k: v.detach().clone() for k, v in model_state(sft_model).items()}
-    reward = reward_function(RewardModel.from_pretrained(out / REWARD_DIR, device=device))
     folder, evaluated = out / EVAL_DIR, {}
     with timed(out, "evaluate"):
         for name, meta, weights in tqdm(evaluation_points(config, out, sft), desc="Evaluating policies", unit="policy"):
