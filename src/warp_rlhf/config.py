@@ -66,7 +66,7 @@ class WarpConfig:
     # --- data -----------------------------------------------------------------------------
     prompt_min_tokens: int = _opt("Shortest prompt, in policy tokens.", 2, *_at_least_1)
     prompt_max_tokens: int = _opt("Longest prompt, in policy tokens.", 8, *_at_least_1)
-    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 5000, *_at_least_1)
+    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 4000, *_at_least_1)
     reward_eval_pairs: int = _opt("Held-out pairs for the reward model's accuracy.", 500, *_at_least_1)
     rl_prompts: int = _opt("Prompts WARP trains on.", 2000, *_at_least_1)
     eval_prompts: int = _opt("Held-out prompts for evaluation.", 200, *_at_least_1)
@@ -271,8 +271,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 DEMO_BUDGET: dict[str, Any] = {
-    "steps": 5,
-    "learning_rate": 1e-4,
+    "steps": 6,
+    "learning_rate": 1.2e-4,
     "front_points": 3,
     "trajectory_points": 2,
 }
