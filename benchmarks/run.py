@@ -72,9 +72,8 @@ def measure_ours(steps: int) -> dict:
         return reward_model.score([p + c for p, c in zip(batch_prompts, completions, strict=True)])
 
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
-    init = {name: tensor.detach().clone() for name, tensor in trainer.policy_state.items()}  # as train_warp holds it
     with tempfile.TemporaryDirectory() as folder:
-        trainer.run(RunSpec(1, 1, Path(folder), MU), init, steps + 1)  # the real code path, checkpoint files included
+        trainer.run(RunSpec(1, 1, Path(folder), MU), None, steps + 1)  # the real code path, checkpoint files included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()][1:]
     n_params = sum(p.numel() for p in policy.parameters())
     phases = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds")}

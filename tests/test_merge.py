@@ -141,12 +141,13 @@ def test_tied_weights_appear_once_and_non_float_buffers_are_left_alone():
         copy_into(model, {"other": torch.ones(5, 3)})
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])  # tensors in many pieces, and each in one piece
 @pytest.mark.parametrize("runs", [1, 2, 3, 4])
-def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs):
+def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs, chunk):
     g = torch.Generator().manual_seed(runs)
     init = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g), "big": torch.randn(300, generator=g)}
     finals = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(runs)]
-    merged = slerp_merge(init, lambda m, name: finals[m][name], runs, None)
+    merged = slerp_merge(init, lambda m, name: finals[m][name], runs, None, chunk=chunk)
     for name, base in init.items():
         expected = base + slerp_task_vectors([f[name] - base for f in finals])
         assert merged[name].shape == base.shape
@@ -156,3 +157,9 @@ def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs):
         assert torch.allclose(
             slerp_task_vectors(d[:3]), hand_slerp(hand_slerp(d[0], d[1], 0.5), d[2], 1 / 3), atol=1e-5
         )
+
+
+def test_slerp_merge_of_unchanged_runs_is_exactly_the_init():
+    init = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+    merged = slerp_merge(init, lambda m, name: init[name].clone(), 2, 0.5, chunk=4)
+    assert all(torch.equal(merged[name], init[name]) for name in init)

@@ -12,7 +12,16 @@ from warp_rlhf import rollout
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.merge import model_state
 from warp_rlhf.models import load_causal_lm
-from warp_rlhf.warp import RunSpec, Trainer, TrainingError, advantages, prompt_batch, save_policy, train_warp
+from warp_rlhf.warp import (
+    RunSpec,
+    Trainer,
+    TrainingError,
+    advantages,
+    new_optimizer,
+    prompt_batch,
+    save_policy,
+    train_warp,
+)
 
 PROMPTS = ["the movie", "a film", "the plot was", "it is", "the actor and", "a story", "the scene", "it was"] * 4
 
@@ -107,18 +116,21 @@ def test_one_step_is_reinforce_with_kl_reward_and_moves_the_ema_anchor(tiny_poli
     assert sum(not torch.equal(trainer.policy_state[n], policy_before[n]) for n in policy_before) > 5
 
 
-def test_gradient_accumulation_gives_the_same_update(tiny_policy, tmp_path):
-    grads = []
+@pytest.mark.parametrize("baseline", ["none", "mean", "loo"])
+def test_gradient_accumulation_gives_the_same_update(tiny_policy, tmp_path, baseline):
+    grads, metrics = [], []
     for accumulation in (1, 2, 4):
-        config = tiny_config(tmp_path, baseline="loo", grad_accumulation_steps=accumulation, batch_size=8)
+        config = tiny_config(tmp_path, baseline=baseline, grad_accumulation_steps=accumulation, batch_size=8)
         policy = load_causal_lm(str(tiny_policy))
         trainer = Trainer(config, policy, make_tokenizer(), good_fraction, PROMPTS)
         optimizer = CapturingSGD(policy, lr=0.0)
-        trainer.step(RunSpec(1, 1, tmp_path, 0.1), 0, optimizer, NoSchedule())
+        metrics.append(trainer.step(RunSpec(1, 1, tmp_path, 0.1), 0, optimizer, NoSchedule()))
         grads.append(optimizer.grads)
-    for other in grads[1:]:
+    for other, other_metrics in zip(grads[1:], metrics[1:], strict=True):
         for name, grad in grads[0].items():
             assert torch.allclose(other[name], grad, atol=1e-6), name
+        for key in ("loss", "kl_to_anchor", "reward_beta_mean", "entropy"):
+            assert other_metrics[key] == pytest.approx(metrics[0][key], abs=1e-5), key
 
 
 def train(tmp_path, tiny_policy, config, reward=good_fraction):
@@ -139,6 +151,9 @@ def test_each_iteration_is_slerp_of_task_vectors_then_liti_towards_the_merge(tin
         assert torch.allclose(slerp_1[name], expected_1, atol=1e-5), name
         expected_2 = init_2[name] + hand_slerp(runs_2[0][name] - init_2[name], runs_2[1][name] - init_2[name], 0.5)
         assert torch.allclose(final[name], expected_2, atol=1e-5), name
+    init_files = [load_file(tmp_path / f"iter_{i}" / "init.safetensors") for i in (1, 2)]
+    assert all(torch.equal(init_files[0][k], sft[k]) for k in sft)  # θ_init of each iteration, on disk
+    assert all(torch.allclose(init_files[1][k], init_2[k], atol=1e-6) for k in sft)
     assert [s["iteration"] for s in summaries] == [1, 2] and len(summaries[0]["runs"]) == 2
     rows = [json.loads(line) for line in (tmp_path / "iter_2" / "run_1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -236,3 +251,22 @@ def test_train_command_refuses_an_unfinished_run_without_resume(tiny_args, tmp_p
     assert main([*args, "--resume"]) == 0
     assert (tmp_path / "run" / "final" / "config.json").exists()
     assert "from_pretrained" in capsys.readouterr().out
+
+
+def test_adam_moments_allocated_up_front_update_like_lazily_created_ones(tiny_policy, tmp_path):
+    config = tiny_config(tmp_path, learning_rate=1e-2)
+    eager = load_causal_lm(str(tiny_policy))
+    lazy = load_causal_lm(str(tiny_policy))
+    optimizer, _ = new_optimizer(eager, config)
+    assert all(state["exp_avg"].shape == p.shape for p, state in optimizer.state.items())
+    reference = torch.optim.AdamW(lazy.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(eager.parameters(), lazy.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        reference.step()
+    for (name, a), b in zip(eager.named_parameters(), lazy.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not torch.equal(next(eager.parameters()), next(load_causal_lm(str(tiny_policy)).parameters()))

@@ -45,7 +45,6 @@ def _run_one(config: WarpConfig, job: WorkerJob, spec, init_path: str) -> str:
     """One REINFORCE run inside a Ray worker; returns its folder once done.json exists."""
     import torch
 
-    from warp_rlhf.checkpoint import load_tensors
     from warp_rlhf.models import load_causal_lm, load_tokenizer
     from warp_rlhf.pipeline import reward_function
     from warp_rlhf.reward import RewardModel
@@ -57,7 +56,7 @@ def _run_one(config: WarpConfig, job: WorkerJob, spec, init_path: str) -> str:
     tokenizer = load_tokenizer(job.policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     reward = reward_function(RewardModel.from_pretrained(job.reward_path, device=device))
     trainer = Trainer(config, policy, tokenizer, reward, job.prompts)
-    trainer.run(spec, load_tensors(init_path, device), config.steps)
+    trainer.run(spec, Path(init_path), config.steps)
     if not (spec.folder / DONE).exists():
         raise RuntimeError(f"{spec.name} ended without {DONE}")
     return str(spec.folder)

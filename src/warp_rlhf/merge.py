@@ -97,39 +97,80 @@ def slerp_task_vectors(deltas: list[torch.Tensor], weight: float | None = None) 
     return merged
 
 
+def slerp_weights(gram: list[list[float]], weight: float | None) -> list[float]:
+    """The iterative SLERP of M task vectors as weights w with SLERP(δ_1..δ_M) = Σ_m w_m δ_m.
+
+    Every SLERP is a linear combination of its two inputs (Eq. 3), so the running merge
+    s = Σ w_m δ_m never needs materialising: ‖s‖² = wᵀGw and ⟨s, δ_m⟩ = (Gw)_m follow from
+    the Gram matrix G_ij = ⟨δ_i, δ_j⟩ of the task vectors.
+    """
+    runs = len(gram)
+    w = [1.0] + [0.0] * (runs - 1)
+    for m, lam in enumerate(_weights(runs, weight), start=1):
+        g_w = [sum(gram[i][j] * w[j] for j in range(runs)) for i in range(runs)]
+        norm_s = math.sqrt(max(0.0, sum(w[i] * g_w[i] for i in range(runs))))
+        c1, c2 = slerp_coefficients(norm_s, math.sqrt(gram[m][m]), g_w[m], lam)
+        w = [c1 * x for x in w]
+        w[m] += c2
+    return w
+
+
+def _task_vectors(
+    finals: list[torch.Tensor], flat: torch.Tensor, buffer: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """θ_m − θ_init on elements start..stop-1 of every run, written into rows of `buffer`."""
+    piece = buffer[:, : stop - start]
+    for m, final in enumerate(finals):
+        torch.sub(final[start:stop], flat[start:stop], out=piece[m])
+    return piece
+
+
+MERGE_CHUNK = 1 << 20
+"""Elements per piece of a tensor: M pieces of task vectors (4 MiB each) stay in the CPU cache."""
+
+
 @torch.no_grad()
 def slerp_merge(
-    init: State, load_run_tensor: Callable[[int, str], torch.Tensor], runs: int, weight: float | None
+    init: State,
+    load_run_tensor: Callable[[int, str], torch.Tensor],
+    runs: int,
+    weight: float | None,
+    chunk: int = MERGE_CHUNK,
 ) -> State:
     """θ_slerp = θ_init + SLERP(θ_1 − θ_init, …, θ_M − θ_init), tensor by tensor (Alg. 1).
 
     `load_run_tensor(m, name)` returns run m's tensor `name`, so finished runs stay on disk and
-    one tensor of each is in memory at a time. The two task vectors being merged live in one
-    reused (2, n) buffer: one product gives their norms and dot product, and one `addmm` writes
-    θ_init + c1 δ1 + c2 δ2 — the only new memory is the result. Merging full weights instead of
-    task vectors would behave like LERP (paper Fig. 10c), so the init is always subtracted first.
+    one tensor of each is in memory at a time. Two passes over each tensor, in cache-sized
+    pieces: the first accumulates the task vectors' Gram matrix (in float64), which gives the
+    merge weights (`slerp_weights`); the second writes θ_init + Σ_m w_m δ_m. A tensor that fits
+    in one piece keeps its task vectors from the first pass; a larger one recomputes them
+    rather than writing and re-reading full-size differences. The only new memory is the
+    result. Merging full weights instead of task vectors would behave like LERP (paper
+    Fig. 10c), so the init is always subtracted first.
     """
-    size = max(t.numel() for t in init.values())
     buffers: dict[torch.dtype, torch.Tensor] = {}
     merged: State = {}
     for name, base in init.items():
         flat = base.reshape(-1)
-        pair = buffers.setdefault(base.dtype, torch.empty(2, size, dtype=base.dtype, device=base.device))[
-            :, : flat.numel()
-        ]
-        torch.sub(load_run_tensor(0, name).reshape(-1).to(pair), flat, out=pair[0])
-        if runs == 1:
-            merged[name] = (flat + pair[0]).reshape(base.shape)
-            continue
-        for m, lam in enumerate(_weights(runs, weight), start=1):
-            torch.sub(load_run_tensor(m, name).reshape(-1).to(pair), flat, out=pair[1])
-            gram = (pair.float() @ pair.float().T).tolist()
-            c1, c2 = slerp_coefficients(math.sqrt(gram[0][0]), math.sqrt(gram[1][1]), gram[0][1], lam)
-            if m < runs - 1:
-                pair[0].mul_(c1).add_(pair[1], alpha=c2)
-            else:
-                coefficients = torch.tensor([[c1, c2]], dtype=base.dtype, device=base.device)
-                merged[name] = torch.addmm(flat.unsqueeze(0), coefficients, pair).reshape(base.shape)
+        finals = [load_run_tensor(m, name).reshape(-1).to(flat) for m in range(runs)]
+        buffer = buffers.setdefault(base.dtype, torch.empty(runs, chunk, dtype=base.dtype, device=base.device))
+        pieces = range(0, flat.numel(), chunk)
+        gram = [[0.0] * runs for _ in range(runs)]
+        for start in pieces:
+            piece = _task_vectors(finals, flat, buffer, start, min(flat.numel(), start + chunk))
+            for i in range(runs):
+                for j in range(i, runs):
+                    gram[i][j] += torch.dot(piece[i], piece[j]).item()
+                    gram[j][i] = gram[i][j]
+        w = slerp_weights(gram, weight)
+        result = torch.empty_like(flat)
+        for start in pieces:
+            stop = min(flat.numel(), start + chunk)
+            piece = buffer[:, : stop - start] if len(pieces) == 1 else _task_vectors(finals, flat, buffer, start, stop)
+            torch.add(flat[start:stop], piece[0], alpha=w[0], out=result[start:stop])
+            for m in range(1, runs):
+                result[start:stop].add_(piece[m], alpha=w[m])
+        merged[name] = result.reshape(base.shape)
     return merged
 
 

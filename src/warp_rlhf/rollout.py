@@ -125,17 +125,21 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """Logits / τ predicting each completion token, shape (B, L, V)."""
-    completion_width = rollout.completion_mask.shape[1]
+    """Logits / τ predicting each completion token, shape (B, L, V).
+
+    The output layer runs on those L positions only, and τ divides in place: no second
+    full-vocabulary tensor in the forward, and none from slicing in the backward.
+    """
+    start, width = rollout.prompt_length - 1, rollout.completion_mask.shape[1]
     output = model(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         position_ids=position_ids(rollout.attention_mask),
-        logits_to_keep=completion_width + 1,
+        logits_to_keep=torch.arange(start, start + width, device=rollout.input_ids.device),
         use_cache=False,
     )
-    logits = output.logits[:, :-1].float()
-    return logits if temperature == 1.0 else logits / temperature
+    logits = output.logits.float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
@@ -146,9 +150,14 @@ def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_entropy(logits: torch.Tensor, rollout: Rollout) -> float:
-    """Mean per-token entropy H = logsumexp z − Σ p z of the sampling distribution (nats)."""
-    probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - torch.linalg.vecdot(probs, logits)
+    """Mean per-token entropy H = logsumexp z − Σ p z of the sampling distribution (nats).
+
+    Row by row, so its temporaries are one row's (L, V), not the batch's: it runs while the
+    training forward's activations are alive, at the step's memory peak.
+    """
+    entropy = torch.stack(
+        [torch.logsumexp(row, dim=-1) - torch.linalg.vecdot(torch.softmax(row, dim=-1), row) for row in logits]
+    )
     return ((entropy * rollout.completion_mask).sum() / rollout.completion_mask.sum().clamp(min=1)).item()
 
 

@@ -8,8 +8,9 @@
       θ_init ← (1 − η) θ_init + η θ_slerp^i                     LITI
     return θ_slerp^I
 
-Output folder: iter_<i>/run_<m>/ (metrics.jsonl, checkpoint/, policy.safetensors, done.json
-written last), iter_<i>/slerp.safetensors, final/ (`save_pretrained` + model card).
+Output folder: iter_<i>/init.safetensors (θ_init, read when a run starts, never held while runs
+train), iter_<i>/run_<m>/ (metrics.jsonl, checkpoint/, policy.safetensors, done.json written
+last), iter_<i>/slerp.safetensors, final/ (`save_pretrained` + model card).
 Randomness is derived from (seed, iteration, run, step), so a resumed run samples exactly what
 an uninterrupted one would, and its final weights are bitwise equal.
 """
@@ -51,6 +52,7 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
 
 DONE, POLICY, METRICS, CHECKPOINT = "done.json", "policy.safetensors", "metrics.jsonl", "checkpoint"
+INIT, SLERP = "init.safetensors", "slerp.safetensors"
 
 
 class TrainingError(WarpError):
@@ -111,7 +113,12 @@ def new_optimizer(policy: torch.nn.Module, config: WarpConfig):
     """Adam (AdamW without weight decay, as the paper) with linear warm-up to a constant rate."""
     from transformers import get_constant_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=True)
+    fresh = {
+        index: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for index, p in enumerate(policy.parameters())
+    }
+    optimizer.load_state_dict({"state": fresh, "param_groups": optimizer.state_dict()["param_groups"]})
     return optimizer, get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
 
 
@@ -184,27 +191,36 @@ class Trainer:
         with torch.no_grad():
             logp_anchor = torch.cat([forward(self.anchor, part)[0] for part in micro])
         clock.lap("anchor")
-        if len(micro) == 1:  # one forward with grad; r_β uses its detached value
-            logp, logits = forward(self.policy, batch)
-            logp_values, entropy = logp.detach(), rollout.mean_entropy(logits, batch)
-        else:  # accumulation: ℓ of the whole batch is needed first, for r_β and the baseline
-            with torch.no_grad():
-                logp_values = torch.cat([forward(self.policy, part)[0] for part in micro])
-            entropy = 0.0
-        kl = logp_values - logp_anchor.to(logp_values)
-        r_beta = score.to(kl) - config.beta * kl  # a reward, detached: not a loss term
-        advantage = advantages(r_beta, config.baseline)
 
-        loss_total = 0.0
+        def reward_beta(rows: slice, logp_values: torch.Tensor) -> torch.Tensor:
+            """r_β = r − β (ℓ − ℓ^ema), from detached ℓ: a reward, not a loss term."""
+            return score[rows].to(logp_values) - config.beta * (logp_values - logp_anchor[rows].to(logp_values))
+
+        # Each ℓ comes from its own training forward. Only a batch-wide baseline over several
+        # micro-batches needs every ℓ before the first backward: then a no-grad pass gives them.
+        whole_batch_first = config.baseline != "none" and len(micro) > 1
+        if whole_batch_first:
+            with torch.no_grad():
+                logp_first = torch.cat([forward(self.policy, part)[0] for part in micro])
+            advantage_first = advantages(reward_beta(slice(None), logp_first), config.baseline)
+        kls, rewards_beta, loss_total, entropy = [], [], 0.0, 0.0
         for index, part in enumerate(micro):
-            if len(micro) > 1:
-                logp, logits = forward(self.policy, part)
-                entropy += rollout.mean_entropy(logits, part) / len(micro)
-            loss = -(advantage[index * size : (index + 1) * size] * logp).sum() / config.batch_size
+            rows = slice(index * size, (index + 1) * size)
+            logp, logits = forward(self.policy, part)
+            share = part.completion_mask.sum().item() / max(1, batch.completion_mask.sum().item())
+            entropy += rollout.mean_entropy(logits, part) * share  # a per-token mean over the batch
+            logp_values = logp_first[rows] if whole_batch_first else logp.detach()
+            r_beta = reward_beta(rows, logp_values)
+            # baseline 'none' is per sample; otherwise this micro-batch is the whole batch
+            advantage = advantage_first[rows] if whole_batch_first else advantages(r_beta, config.baseline)
+            loss = -(advantage * logp).sum() / config.batch_size
             if not torch.isfinite(loss):
                 raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
             loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
             loss_total += loss.item()
+            kls.append(logp_values - logp_anchor[rows].to(logp_values))
+            rewards_beta.append(r_beta)
+        kl, r_beta = torch.cat(kls), torch.cat(rewards_beta)
         clock.lap("policy")
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
@@ -235,10 +251,12 @@ class Trainer:
         }
 
     # ---- one run, resumable ------------------------------------------------------------
-    def run(self, spec: RunSpec, init: State, steps: int, snapshots: frozenset[int] = frozenset()) -> None:
+    def run(self, spec: RunSpec, init: Path | None, steps: int, snapshots: frozenset[int] = frozenset()) -> None:
         """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json.
 
-        After each step k in `snapshots`, the policy is also saved as step_<k>.safetensors.
+        θ_init is read from the safetensors file `init` when the run starts (None: the policy as
+        it is now), so no copy of it stays in memory while the run trains. After each step k in
+        `snapshots`, the policy is also saved as step_<k>.safetensors.
         """
         folder = spec.folder
         remove_temporaries(folder)
@@ -277,13 +295,14 @@ class Trainer:
                 {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()},
             )
 
-    def _restore(self, path: Path, init: State, optimizer, scheduler) -> int:
+    def _restore(self, path: Path, init: Path | None, optimizer, scheduler) -> int:
         """Load the run's checkpoint if there is one; else start from θ_init. Returns the step."""
-        if not (path / "state.json").exists():
-            copy_into(self.policy, init)
-            copy_into(self.anchor, init)
-            return 0
         device = next(self.policy.parameters()).device
+        if not (path / "state.json").exists():
+            start = load_tensors(init, device) if init is not None else self.policy_state
+            copy_into(self.policy, start)
+            copy_into(self.anchor, start)
+            return 0
         copy_into(self.policy, load_tensors(path / "policy.safetensors", device))
         copy_into(self.anchor, load_tensors(path / "anchor.safetensors", device))
         saved = read_json(path / "state.json")
@@ -342,30 +361,35 @@ def train_warp(
     if config.backend == "ray" and job is None:
         raise WarpError("backend: ray needs the policy and reward-model folders: use warp_rlhf.pipeline.train_stage")
     trainer = Trainer(config, policy, tokenizer, reward, prompts) if config.backend == "local" else None
-    device = next(policy.parameters()).device
-    init = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model_state(policy).items()}
-    summaries, merged = [], init
+    first_init = out / "iter_1" / INIT
+    if not first_init.exists():
+        save_tensors(first_init, model_state(policy))  # θ_init ← θ_sft
+    summaries = []
     for iteration in range(1, config.iterations + 1):
         folder = out / f"iter_{iteration}"
-        merged_path = folder / "slerp.safetensors"
+        init_path, merged_path = folder / INIT, folder / SLERP
         remove_temporaries(folder)
         specs = [RunSpec(iteration, m, folder / f"run_{m}", config.ema_rate) for m in range(1, config.runs + 1)]
         if not merged_path.exists():
             pending = [spec for spec in specs if not (spec.folder / DONE).exists()]
             if trainer is None:
-                save_tensors(folder / "init.safetensors", init)
-                run_on_ray(config, job, pending, folder / "init.safetensors")
+                run_on_ray(config, job, pending, init_path)
             else:
-                init_on_device = {name: t.to(device) for name, t in init.items()}
                 for spec in pending:
-                    trainer.run(spec, init_on_device, config.steps)
-                del init_on_device
-            merged = slerp_merge(init, _run_files([s.folder for s in specs]), config.runs, config.resolved_slerp_lambda)
+                    trainer.run(spec, init_path, config.steps)
+            merged = slerp_merge(
+                load_tensors(init_path),
+                _run_files([s.folder for s in specs]),
+                config.runs,
+                config.resolved_slerp_lambda,
+            )
             save_tensors(merged_path, merged)
-        merged = load_tensors(merged_path)
+            del merged
         summaries.append({"iteration": iteration, "runs": [read_json(s.folder / DONE) for s in specs]})
-        init = liti(init, merged, config.liti_rate)
-    return merged, summaries
+        next_init = out / f"iter_{iteration + 1}" / INIT
+        if iteration < config.iterations and not next_init.exists():
+            save_tensors(next_init, liti(load_tensors(init_path), load_tensors(merged_path), config.liti_rate))
+    return load_tensors(out / f"iter_{config.iterations}" / SLERP), summaries
 
 
 def trajectory_steps(config: WarpConfig) -> list[int]:
@@ -392,8 +416,7 @@ def train_reinforce(
     points = sorted(
         {max(1, round(total * k / config.trajectory_points)) for k in range(1, config.trajectory_points + 1)}
     )
-    init = {name: tensor.detach().clone() for name, tensor in trainer.policy_state.items()}
-    trainer.run(RunSpec(0, 1, out, anchor_rate=0.0), init, total, snapshots=frozenset(points[:-1]))
+    trainer.run(RunSpec(0, 1, out, anchor_rate=0.0), None, total, snapshots=frozenset(points[:-1]))
     return trajectory_files(config, out)
 
 
