@@ -110,3 +110,17 @@ def test_sample_categorical_draws_from_the_softmax():
         frequency = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
         assert torch.allclose(frequency, torch.softmax(logits[row], -1), atol=0.012), frequency
     assert (draws[:, 0] != 4).all()  # a zero-probability token is never drawn
+
+
+def test_prepacked_linears_give_the_same_logits_and_leave_the_model_as_it_was(policy):
+    if not rollout._can_prepack(policy):
+        pytest.skip("no oneDNN on this torch build")
+    ids = torch.randint(3, policy.config.vocab_size, (4, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = [policy(input_ids=ids[:, :1]).logits, policy(input_ids=ids).logits]
+        with rollout.prepacked_linears(policy, rows=4):
+            assert sum("forward" in vars(m) for m in policy.modules()) > 3  # the linears are swapped
+            packed = [policy(input_ids=ids[:, :1]).logits, policy(input_ids=ids).logits]  # 4 rows; 12 rows
+    assert not any("forward" in vars(m) for m in policy.modules())
+    for got, want in zip(packed, plain, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
