@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from warp_rlhf import packing
+
 
 @dataclass
 class Rollout:
@@ -175,19 +177,25 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     """Logits / τ predicting each completion token, shape (B, L, V).
 
-    The output layer runs on those L positions only, and τ divides in place: no second
-    full-vocabulary tensor in the forward, and none from slicing in the backward.
+    The forward is padding-free (`packing`) wherever that gives the model's own logits, and the
+    output layer runs on the L completion positions only; τ divides in place, so there is no
+    second full-vocabulary tensor in the forward, and none from slicing in the backward.
     """
+    forward = packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
+    logits = forward(model, rollout).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def padded_logits(model, rollout: Rollout) -> torch.Tensor:
+    """The model's own forward over the padded rollout, its output layer at completion positions."""
     start, width = rollout.prompt_length - 1, rollout.completion_mask.shape[1]
-    output = model(
+    return model(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         position_ids=position_ids(rollout.attention_mask),
         logits_to_keep=torch.arange(start, start + width, device=rollout.input_ids.device),
         use_cache=False,
-    )
-    logits = output.logits.float()
-    return logits if temperature == 1.0 else logits.div_(temperature)
+    ).logits
 
 
 def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:

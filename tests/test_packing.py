@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from warp_rlhf import packing, rollout
+from warp_rlhf.models import load_causal_lm
+
+EOS = 2
+
+
+@pytest.fixture
+def policy(tiny_policy):
+    return load_causal_lm(str(tiny_policy)).eval()
+
+
+def ragged_rollout() -> rollout.Rollout:
+    """Three prompts of 3, 1 and 2 tokens (left-padded), completions of 4, 2 (EOS) and 1 (EOS) tokens."""
+    prompt_ids = torch.tensor([[7, 9, 11], [0, 0, 5], [0, 6, 8]])
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    completion = torch.tensor([[12, 13, 14, 15], [16, EOS, EOS, EOS], [EOS, EOS, EOS, EOS]])
+    return rollout.build_rollout(prompt_ids, prompt_mask, completion, [EOS])
+
+
+@pytest.mark.parametrize("width", [1, 5, 128])
+def test_pack_keeps_every_real_token_once_and_targets_predict_the_completion(width):
+    batch = ragged_rollout()
+    rows = packing.pack(batch, width)
+    flat_ids, flat_positions = rows.input_ids.flatten(), rows.position_ids.flatten()
+    prompt_lengths, completion_lengths = [3, 1, 2], [4, 2, 1]
+    real = sorted(batch.input_ids[batch.attention_mask.bool()].tolist())
+    # every real token is in some segment; the rest is filler, which starts a segment of its own
+    assert sum(prompt_lengths) + sum(completion_lengths) == len(real)
+    for b in range(3):
+        p, n = prompt_lengths[b], completion_lengths[b]
+        for t in range(n):
+            target = rows.targets[b, t].item()
+            assert flat_ids[target + 1].item() == batch.completion_ids[b, t].item()  # predicts y_t
+            assert flat_positions[target].item() == p - 1 + t  # positions restart per segment
+        for t in range(n, 4):  # after EOS: the segment's last token, masked out of ℓ
+            assert rows.targets[b, t].item() == rows.targets[b, n - 1].item() + 1
+    assert rows.input_ids.numel() <= 3 * max(p + n for p, n in zip(prompt_lengths, completion_lengths, strict=True))
+
+
+def test_smallest_packing_minimises_rows_times_width_by_hand():
+    # 2 rows, LPT: [5, 4, 2] and [5, 4] → fills 11 and 9, area 22; 3 rows → 24; 4 → 28; 5 → 25
+    members, fill = packing._smallest_packing([5, 5, 4, 4, 2], width=10)
+    assert sorted(fill) == [9, 11]
+    placed = sorted(b for row in members for b, _ in row)
+    assert placed == [0, 1, 2, 3, 4]
+    lengths = [5, 5, 4, 4, 2]
+    for row in members:
+        spans = sorted((offset, offset + lengths[b]) for b, offset in row)
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_empty_prompt_is_refused():
+    batch = rollout.build_rollout(torch.tensor([[0, 0]]), torch.tensor([[0, 0]]), torch.tensor([[5, EOS]]), [EOS])
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        packing.pack(batch)
+
+
+def test_packed_logits_and_gradients_equal_the_padded_forward(policy):
+    batch = ragged_rollout()
+    assert packing.packs_exactly(policy, rollout.padded_logits)
+    losses = {}
+    for name, forward in [("padded", rollout.padded_logits), ("packed", packing.packed_logits)]:
+        policy.zero_grad(set_to_none=True)
+        logits = forward(policy, batch).float()
+        loss = rollout.sequence_logprobs(logits, batch).sum()
+        loss.backward()
+        mask = batch.completion_mask.bool()
+        losses[name] = (logits[mask].detach(), [p.grad.clone() for p in policy.parameters()])
+    (a, grads_a), (b, grads_b) = losses["padded"], losses["packed"]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grads_a, grads_b, strict=True))
+
+
+def test_head_post_processing_goes_through_packed_logits():
+    """Gemma 2 soft-caps its logits in the head: the packed path must too."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, pad_token_id=0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    batch = ragged_rollout()
+    with torch.no_grad():
+        padded, packed = rollout.padded_logits(model, batch), packing.packed_logits(model, batch)
+    mask = batch.completion_mask.bool()
+    assert packed[mask].abs().max() <= 0.5  # capped at ±0.5
+    assert torch.allclose(padded[mask], packed[mask], atol=1e-5)
+
+
+class IgnoresPositionIds(torch.nn.Module):
+    """Stands in for remote code that builds its own positions and masks: packing breaks it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def forward(self, position_ids=None, **kwargs):
+        return self.model(**kwargs)
+
+
+def test_a_model_that_ignores_packing_falls_back_to_the_padded_forward(policy):
+    model = IgnoresPositionIds(policy)
+    batch = ragged_rollout()
+    assert not packing.packs_exactly(model, rollout.padded_logits)
+    with torch.no_grad():
+        got = rollout.token_logits(model, batch, 1.0)
+        expected = rollout.padded_logits(policy, batch)
+    mask = batch.completion_mask.bool()
+    assert torch.allclose(got[mask], expected[mask], atol=1e-6)
