@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from warp_rlhf import packing
+from warp_rlhf.activations import token_logprobs
 
 
 @dataclass
@@ -200,8 +201,7 @@ def padded_logits(model, rollout: Rollout) -> torch.Tensor:
 
 def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     """ℓ_b = Σ_t log softmax(logits)[y_b,t] = Σ_t (z_y − logsumexp z) over the completion mask, shape (B,)."""
-    picked = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return ((picked - torch.logsumexp(logits, dim=-1)) * rollout.completion_mask).sum(-1)
+    return (token_logprobs(logits, rollout.completion_ids) * rollout.completion_mask).sum(-1)
 
 
 @torch.no_grad()
