@@ -25,7 +25,7 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_recomputed_gates_give_the_same_output_and_gradients(tiny_policy, bias):
+def test_lean_backward_gives_the_same_output_and_gradients(tiny_policy, bias):
     torch.manual_seed(0)
     model = load_causal_lm(str(tiny_policy)).eval()
     if bias:
@@ -35,19 +35,32 @@ def test_recomputed_gates_give_the_same_output_and_gradients(tiny_policy, bias):
     results = []
     for lean in (False, True):
         model.zero_grad(set_to_none=True)
-        with activations.recomputed_gates(model) if lean else torch.enable_grad():
+        with activations.lean_backward(model) if lean else torch.enable_grad():
             logits = model(input_ids=ids).logits
+            assert model.get_input_embeddings().sparse == lean  # tied: sparse rows inside
         assert model.model.layers[0].mlp.forward.__func__ is type(model.model.layers[0].mlp).forward  # restored
+        assert not model.get_input_embeddings().sparse
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (lean, lean_grads) = results
     assert torch.equal(plain, lean)
     assert plain_grads.keys() == lean_grads.keys()
     for name in plain_grads:
+        assert not lean_grads[name].is_sparse  # the tied embedding's rows were added to a dense gradient
         assert torch.allclose(plain_grads[name], lean_grads[name], atol=1e-6), name
 
 
-def test_recomputed_gates_save_less_for_the_backward_pass(tiny_policy):
+def test_an_untied_embedding_keeps_dense_gradients(tiny_policy):
+    model = load_causal_lm(str(tiny_policy)).eval()
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie
+    with activations.lean_backward(model):
+        assert not model.get_input_embeddings().sparse
+        model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
+    assert not model.get_input_embeddings().weight.grad.is_sparse
+
+
+def test_lean_backward_saves_less_for_the_backward_pass(tiny_policy):
     model = load_causal_lm(str(tiny_policy)).eval()
     ids = torch.randint(3, model.config.vocab_size, (4, 16))
 
@@ -58,7 +71,7 @@ def test_recomputed_gates_save_less_for_the_backward_pass(tiny_policy):
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
             return tensor
 
-        lean_or_not = activations.recomputed_gates(model) if lean else torch.enable_grad()
+        lean_or_not = activations.lean_backward(model) if lean else torch.enable_grad()
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), lean_or_not:
             model(input_ids=ids)
         return sum(storages.values())

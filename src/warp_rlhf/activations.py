@@ -1,15 +1,19 @@
 """What the training forward keeps for the backward pass: the same numbers, less memory.
 
-The step's memory peak is the start of the policy's backward pass, when every saved
-activation is alive and the output layer's gradients are made (benchmarks/NOTES.md). Two
-autograd functions cut it without recomputing any matrix product:
+The step's memory peak is the policy's backward pass, when saved activations are alive and
+the gradients are made (benchmarks/NOTES.md). These cut it without recomputing any matrix
+product:
 
 - `token_logprobs`: log softmax(z)_y = z_y − logsumexp z over the vocabulary, whose backward
   makes one (N, V) tensor, softmax(z) scaled in place, instead of the three or four that
   autograd's gather and logsumexp make;
-- `recomputed_gates`: a gated MLP, down(act(gate(x)) ⊙ up(x)), saves gate(x) and up(x) only;
+- a gated MLP, down(act(gate(x)) ⊙ up(x)), saves gate(x) and up(x) only;
   act(gate) and the product, half of the MLP's saved activations, are recomputed in the
-  backward pass (elementwise work).
+  backward pass (elementwise work);
+- a tied input embedding's gradient as sparse rows (the batch's tokens), added in place to the
+  output layer's dense gradient, instead of a second dense (V, d) tensor.
+
+`lean_backward(model)` applies the last two around a training forward.
 """
 
 from __future__ import annotations
@@ -73,11 +77,14 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def recomputed_gates(model: torch.nn.Module) -> Iterator[None]:
-    """Inside, every gated MLP (Llama, Mistral, Qwen, Gemma, SmolLM: `gate_proj`, `up_proj`,
-    `down_proj`, `act_fn`) saves gate(x) and up(x) for its backward pass instead of also
-    act(gate(x)) and their product: on SmolLM2 at 568 tokens, 200 of 764 MB of saved
-    activations. Outputs and gradients are unchanged; other modules are left as they are.
+def lean_backward(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, a training forward keeps less for its backward pass; outputs and gradients are unchanged.
+
+    Every gated MLP (Llama, Mistral, Qwen, Gemma, SmolLM: `gate_proj`, `up_proj`, `down_proj`,
+    `act_fn`) saves gate(x) and up(x) instead of also act(gate(x)) and their product: on SmolLM2
+    at 568 tokens, 200 of 728 MB of saved activations. An input embedding tied to the output
+    layer returns sparse gradient rows, which autograd adds in place to the output layer's dense
+    gradient (the parameter's gradient stays dense). Other modules are left as they are.
     """
     mlps = [m for m in model.modules() if _is_gated_mlp(m)]
     for mlp in mlps:
@@ -87,8 +94,15 @@ def recomputed_gates(model: torch.nn.Module) -> Iterator[None]:
             return _GatedProjection.apply(gate, up, down.weight, down.bias, mlp.act_fn)
 
         mlp.forward = forward
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
+    was_sparse = embedding.sparse if tied else False
+    if tied:
+        embedding.sparse = True
     try:
         yield
     finally:
         for mlp in mlps:
             del mlp.forward
+        if tied:
+            embedding.sparse = was_sparse

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from warp_rlhf import rollout
-from warp_rlhf.activations import recomputed_gates
+from warp_rlhf.activations import lean_backward
 from warp_rlhf.checkpoint import (
     atomic_dir,
     load_tensors,
@@ -207,7 +207,7 @@ class Trainer:
         kls, rewards_beta, loss_total, entropy = [], [], 0.0, 0.0
         for index, part in enumerate(micro):
             rows = slice(index * size, (index + 1) * size)
-            with recomputed_gates(self.policy):
+            with lean_backward(self.policy):
                 logp, logits = forward(self.policy, part)
             share = part.completion_mask.sum().item() / max(1, batch.completion_mask.sum().item())
             entropy += rollout.mean_entropy(logits, part) * share  # a per-token mean over the batch
