@@ -127,12 +127,12 @@ def prepacked_linears(model, rows: int) -> Iterator[None]:
 def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False):
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
 
-    A static KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
+    A KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
     top_p = 1), stopping when every row has emitted EOS or after L tokens. With
     `with_logits`, also returns the logits / τ of every completion position, shape (B, L, V),
     taken from generation itself (no second forward pass).
     """
-    from transformers import StaticCache
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
@@ -140,7 +140,7 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + max_new_tokens)  # no per-token cat
+    cache = DynamicCache(config=model.config)
     mask, positions = prompt_mask, position_ids(prompt_mask)
     inputs = prompt_ids
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
