@@ -11,7 +11,9 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 - peak resident memory of a training process against the lower bound (policy + grads + Adam
   states + anchor + init + reward model bytes).
 Each measurement runs in its own process (one at a time, so they never share the 2 cores),
-and writes benchmarks/results.json and benchmarks/RESULTS.md.
+and writes benchmarks/results.json and benchmarks/RESULTS.md. Step times are the median of the
+measured steps (after a warm-up step), for us and for TRL alike: on a shared VM a median is not
+moved by one step that a neighbour slowed down.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _peak_rss_bytes() -> int:
 
 
 def measure_ours(steps: int) -> dict:
-    """Our Trainer.step on SmolLM2: seconds per phase, FLOPs, and the process's peak RSS."""
+    """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS."""
     from warp_rlhf.warp import RunSpec, Trainer
 
     config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
@@ -91,10 +93,10 @@ def measure_ours(steps: int) -> dict:
         trainer.run(RunSpec(1, 1, Path(folder), MU), None, steps + 1)  # the real code path, checkpoint files included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()][1:]
     n_params = sum(p.numel() for p in policy.parameters())
-    phases = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds")}
-    tokens = sum(r["tokens"] for r in rows) / len(rows)
-    completion_tokens = sum(r["completion_tokens"] for r in rows) / len(rows)
-    flops = step_flops(n_params, policy.get_output_embeddings().weight.numel(), tokens, completion_tokens)
+    median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
+    phases = {k: v for k, v in median.items() if k.startswith("seconds")}
+    output_weights = policy.get_output_embeddings().weight.numel()
+    flops = step_flops(n_params, output_weights, median["tokens"], median["completion_tokens"])
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     return {
@@ -142,7 +144,7 @@ def measure_trl(steps: int) -> dict:
         )  # fmt: skip
         trainer.train()
     durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1:]  # first: warm-up
-    seconds = sum(durations) / len(durations)
+    seconds = sorted(durations)[len(durations) // 2]
     return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations)}
 
 
@@ -209,7 +211,7 @@ def _child(name: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="measured steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps after one warm-up step; the median counts")
     parser.add_argument("--only", choices=list(MEASUREMENTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -246,6 +248,7 @@ def results_markdown(results: dict) -> str:
     return f"""# Benchmark results
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
+Step times are the median of 5 steps after a warm-up step, for both trainers; the split is that step's.
 SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} torch threads.
 
 | metric | value | target |
