@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.conftest import make_tokenizer
 from warp_rlhf import packing, rollout
 from warp_rlhf.models import load_causal_lm
 
@@ -74,8 +75,9 @@ def test_packed_logits_and_gradients_equal_the_padded_forward(policy):
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grads_a, grads_b, strict=True))
 
 
-def test_head_post_processing_goes_through_packed_logits():
-    """Gemma 2 soft-caps its logits in the head: the packed path must too."""
+@pytest.fixture
+def gemma2():
+    """Soft-caps its logits in the head (at ±0.5 here) and has sliding-window layers."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -83,7 +85,11 @@ def test_head_post_processing_goes_through_packed_logits():
         vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, pad_token_id=0,
     )  # fmt: skip
-    model = Gemma2ForCausalLM(config).eval()
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_head_post_processing_goes_through_packed_logits(gemma2):
+    model = gemma2
     batch = ragged_rollout()
     with torch.no_grad():
         padded, packed = rollout.padded_logits(model, batch), packing.packed_logits(model, batch)
@@ -118,3 +124,36 @@ def test_a_model_that_ignores_packing_falls_back_to_the_padded_forward(policy):
         expected = rollout.padded_logits(policy, batch)
     mask = batch.completion_mask.bool()
     assert torch.allclose(got[mask], expected[mask], atol=1e-6)
+
+
+def test_packed_prefill_gives_the_padded_cache_and_logits(policy):
+    batch = ragged_rollout()
+    prompt_ids, prompt_mask = batch.input_ids[:, :3], batch.attention_mask[:, :3]
+    step_ids = torch.tensor([[12], [16], [9]])
+    results = []
+    with torch.no_grad():
+        for packed in (False, True):
+            cache, first = packing.prefill(policy, prompt_ids, prompt_mask, packed=packed)
+            assert cache.get_seq_length() == 3 and first.shape == (3, policy.config.vocab_size)
+            mask = torch.cat([prompt_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            positions = packing.position_ids(prompt_mask)[:, -1:] + 1
+            step = policy(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            results.append((first, step.logits[:, -1]))
+    (padded_first, padded_step), (packed_first, packed_step) = results
+    assert torch.allclose(padded_first, packed_first, atol=1e-5)
+    assert torch.allclose(padded_step, packed_step, atol=1e-5)
+    # and both equal a forward over each prompt alone
+    for row, prompt in enumerate([[7, 9, 11], [5], [6, 8]]):
+        alone = policy(input_ids=torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(packed_first[row], alone, atol=1e-5)
+
+
+def test_a_sliding_window_cache_falls_back_to_the_padded_forward(gemma2):
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=gemma2.config).layers)
+    assert not packing.packs_exactly(gemma2, rollout.padded_logits)
+    torch.manual_seed(0)
+    batch = rollout.sample(gemma2, make_tokenizer(), ["the movie", "a"], temperature=1.0, max_new_tokens=3)
+    assert batch.completion_ids.shape[0] == 2

@@ -47,7 +47,7 @@ def pack(rollout: Rollout, width: int = PACK_WIDTH) -> PackedRows:
     members, fill = _smallest_packing(lengths, width)
     rows, row_width = len(members), max(fill)
     input_ids = rollout.input_ids.new_zeros(rows, row_width)
-    position_ids = torch.arange(row_width).repeat(rows, 1)
+    positions = torch.arange(row_width).repeat(rows, 1)
     targets = torch.empty_like(rollout.completion_mask, device="cpu")
     steps = torch.arange(targets.shape[1])
     for row, segments in enumerate(members):
@@ -55,12 +55,12 @@ def pack(rollout: Rollout, width: int = PACK_WIDTH) -> PackedRows:
             tokens = torch.cat([rollout.input_ids[b, : rollout.prompt_length][prompt_mask[b]],
                                 rollout.completion_ids[b][completion_mask[b]]])  # fmt: skip
             input_ids[row, offset : offset + lengths[b]] = tokens
-            position_ids[row, offset : offset + lengths[b]] = torch.arange(lengths[b])
+            positions[row, offset : offset + lengths[b]] = torch.arange(lengths[b])
             last = offset + lengths[b] - 1
             targets[b] = row * row_width + (offset + prompt_lengths[b] - 1 + steps).clamp(max=last)
-        position_ids[row, fill[row] :] = torch.arange(row_width - fill[row])  # filler: its own segment
+        positions[row, fill[row] :] = torch.arange(row_width - fill[row])  # filler: its own segment
     device = rollout.input_ids.device
-    return PackedRows(input_ids, position_ids.to(device), targets.to(device))
+    return PackedRows(input_ids, positions.to(device), targets.to(device))
 
 
 def _smallest_packing(lengths: list[int], width: int) -> tuple[list[list[tuple[int, int]]], list[int]]:
@@ -89,36 +89,44 @@ def packed_logits(model, rollout: Rollout) -> torch.Tensor:
     the B · L target positions, picked with `logits_to_keep`.
     """
     rows = pack(rollout)
+    output = _flat_head_forward(model, input_ids=rows.input_ids, position_ids=rows.position_ids,
+                                logits_to_keep=rows.targets.flatten(), use_cache=False)  # fmt: skip
+    return output.logits.view(*rows.targets.shape, -1)
 
-    def one_sequence(module, inputs, output):
+
+def _flat_head_forward(model, **inputs):
+    """The model's forward with its body's rows laid end to end before the head, so that
+    `logits_to_keep` indexes the flattened rows."""
+
+    def one_sequence(module, args, output):
         output.last_hidden_state = output.last_hidden_state.flatten(0, 1).unsqueeze(0)
         return output
 
     hook = model.base_model.register_forward_hook(one_sequence)
     try:
-        output = model(
-            input_ids=rows.input_ids,
-            position_ids=rows.position_ids,
-            logits_to_keep=rows.targets.flatten(),
-            use_cache=False,
-        )
+        return model(**inputs)
     finally:
         hook.remove()
-    return output.logits.view(*rows.targets.shape, -1)
 
 
 _PACKS_EXACTLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packs_exactly(model, padded_logits) -> bool:
-    """Whether `packed_logits` equals the model's own padded forward, checked once per model.
+    """Whether packing gives the model's own numbers, checked once per model: `packed_logits`
+    against `padded_logits(model, rollout)`, and a packed `prefill` plus one decode step against
+    the padded ones.
 
-    True for the models transformers builds masks for from position ids (Llama, Qwen, SmolLM,
-    Gemma, …); False where a model ignores packing, e.g. remote code with its own masks.
-    `padded_logits(model, rollout)` is the reference. The probe packs two short sequences into
-    one row, so attention across them shows up as an O(1) change, far above rounding.
+    True for the models transformers builds masks for from position ids or takes a 4D mask from
+    (Llama, Qwen, SmolLM, Gemma, …) with a plain KV cache; False where a model ignores packing
+    (e.g. remote code with its own masks) or keeps a sliding-window cache. The probe packs two
+    short sequences into one row, so attention across them shows up as an O(1) change, far above
+    rounding.
     """
     if model not in _PACKS_EXACTLY:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         from warp_rlhf.rollout import build_rollout
 
         device = next(model.parameters()).device
@@ -126,8 +134,85 @@ def packs_exactly(model, padded_logits) -> bool:
         ids = torch.arange(3, 3 + 14, device=device).remainder(vocab).view(2, 7)
         prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=device)
         probe = build_rollout(ids[:, :4], prompt_mask, ids[:, 4:], eos=[-1])  # two rows, no EOS
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            expected, got = padded_logits(model, probe).float(), packed_logits(model, probe).float()
-        scale = expected.abs().max().clamp(min=1.0)
-        _PACKS_EXACTLY[model] = bool(got.shape == expected.shape and (got - expected).abs().max() <= 1e-2 * scale)
+        plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                pairs = [(padded_logits(model, probe), packed_logits(model, probe))]
+                if plain_cache:
+                    padded, packed = (_prefill_and_step(model, probe, packed) for packed in (False, True))
+                    pairs += list(zip(padded, packed, strict=True))
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+            pairs = None
+        _PACKS_EXACTLY[model] = plain_cache and pairs is not None and all(_close(a, b) for a, b in pairs)
     return _PACKS_EXACTLY[model]
+
+
+def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    expected, got = expected.float(), got.float()
+    scale = expected.abs().max().clamp(min=1.0)
+    return got.shape == expected.shape and bool((got - expected).abs().max() <= 1e-2 * scale)
+
+
+def _prefill_and_step(model, probe: Rollout, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits after a prefill of the probe's prompts, and after one decode step from it."""
+    prompt_ids, prompt_mask = probe.input_ids[:, : probe.prompt_length], probe.attention_mask[:, : probe.prompt_length]
+    cache, first = prefill(model, prompt_ids, prompt_mask, packed=packed)
+    mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1])], dim=1)
+    step = model(input_ids=probe.completion_ids[:, :1], attention_mask=mask, cache=cache, use_cache=True,
+                 position_ids=position_ids(prompt_mask)[:, -1:] + 1, logits_to_keep=1)  # fmt: skip
+    return first, step.logits[:, -1]
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, packed: bool):
+    """The prompts' KV cache, laid out left-padded as the decode loop needs it, and the logits at
+    each prompt's last token, shape (B, V).
+
+    Packed, the prompts' real tokens run as segments of a few rows under an explicit
+    block-diagonal causal mask (transformers does not detect packing when a cache is passed),
+    and each row's keys and values are then gathered into the left-padded layout: with prompts
+    of 4–16 tokens about a third of a padded prefill is padding. Padding slots hold a copy of a
+    real key and value; the attention mask keeps them out.
+    """
+    from transformers import DynamicCache
+
+    if not packed:
+        cache = DynamicCache(config=model.config)
+        output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                       cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        return cache, output.logits[:, -1]
+    device, width = prompt_ids.device, prompt_ids.shape[1]
+    lengths = prompt_mask.sum(1).tolist()
+    members, fill = _smallest_packing(lengths, PACK_WIDTH)
+    rows, row_width = len(members), max(fill)
+    input_ids = prompt_ids.new_zeros(rows, row_width)
+    positions = torch.arange(row_width).repeat(rows, 1)
+    segment = torch.arange(rows).unsqueeze(1).repeat(1, row_width) + len(lengths)  # filler: one per row
+    source = torch.empty(len(lengths), width, dtype=torch.long)  # flat packed index of each cache slot
+    for row, segments in enumerate(members):
+        for b, offset in segments:
+            n, flat = lengths[b], row * row_width + offset
+            input_ids[row, offset : offset + n] = prompt_ids[b][prompt_mask[b].bool()]
+            positions[row, offset : offset + n] = torch.arange(n)
+            segment[row, offset : offset + n] = b
+            source[b, width - n :] = flat + torch.arange(n)
+            source[b, : width - n] = flat
+        positions[row, fill[row] :] = torch.arange(row_width - fill[row])
+    causal = torch.ones(row_width, row_width, dtype=torch.bool).tril()
+    mask = ((segment.unsqueeze(2) == segment.unsqueeze(1)) & causal).unsqueeze(1)
+    packed_cache = DynamicCache(config=model.config)
+    last = source[:, -1].to(device)
+    output = _flat_head_forward(model, input_ids=input_ids, position_ids=positions.to(device),
+                                attention_mask=mask.to(device), cache=packed_cache, use_cache=True,
+                                logits_to_keep=last)  # fmt: skip
+    source = source.to(device)
+
+    def left_padded(states: torch.Tensor) -> torch.Tensor:  # (R, h, W, d) → (B, h, P, d)
+        return states.transpose(1, 2).flatten(0, 1)[source].transpose(1, 2)
+
+    layers = [(left_padded(layer.keys), left_padded(layer.values)) for layer in packed_cache.layers]
+    return DynamicCache(ddp_cache_data=layers, config=model.config), output.logits[0]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

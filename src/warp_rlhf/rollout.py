@@ -17,6 +17,7 @@ import torch
 
 from warp_rlhf import packing
 from warp_rlhf.activations import token_logprobs
+from warp_rlhf.packing import position_ids
 
 
 @dataclass
@@ -127,52 +128,46 @@ def prepacked_linears(model, rows: int) -> Iterator[None]:
 def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False):
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
 
-    A KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
+    A prefill of the prompts (packed without padding where `packing.packs_exactly`), then a
+    KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
     top_p = 1), stopping when every row has emitted EOS or after L tokens. With
     `with_logits`, also returns the logits / τ of every completion position, shape (B, L, V),
     taken from generation itself (no second forward pass).
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)
-    cache = DynamicCache(config=model.config)
-    mask, positions = prompt_mask, position_ids(prompt_mask)
-    inputs = prompt_ids
+    packed = packing.packs_exactly(model, padded_logits)
+    mask, positions = prompt_mask, position_ids(prompt_mask)[:, -1:]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, scaled_logits = [], []
     with prepacked_linears(model, len(prompts)):
-        for _ in range(max_new_tokens):
+        cache, logits = packing.prefill(model, prompt_ids, prompt_mask, packed=packed)
+        for step in range(max_new_tokens):
+            scaled = logits.float() / temperature
+            token = torch.where(finished, eos_tensor[0], sample_categorical(scaled))
+            tokens.append(token)
+            if with_logits:
+                scaled_logits.append(scaled)
+            finished |= torch.isin(token, eos_tensor)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            positions = positions + 1
             output = model(
-                input_ids=inputs,
+                input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            scaled = output.logits[:, -1].float() / temperature
-            token = torch.where(finished, eos_tensor[0], sample_categorical(scaled))
-            tokens.append(token)
-            if with_logits:
-                scaled_logits.append(scaled)
-            finished |= torch.isin(token, eos_tensor)
-            if finished.all():
-                break
-            inputs = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            logits = output.logits[:, -1]
     result = build_rollout(prompt_ids, prompt_mask, torch.stack(tokens, dim=1), eos)
     return (result, torch.stack(scaled_logits, dim=1)) if with_logits else result
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` uses them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
