@@ -24,7 +24,7 @@ def ragged_rollout() -> rollout.Rollout:
 @pytest.mark.parametrize("width", [1, 5, 128])
 def test_pack_keeps_every_real_token_once_and_targets_predict_the_completion(width):
     batch = ragged_rollout()
-    rows = packing.pack(batch, width)
+    rows, targets = packing.pack(batch, width)
     flat_ids, flat_positions = rows.input_ids.flatten(), rows.position_ids.flatten()
     prompt_lengths, completion_lengths = [3, 1, 2], [4, 2, 1]
     real = sorted(batch.input_ids[batch.attention_mask.bool()].tolist())
@@ -33,11 +33,11 @@ def test_pack_keeps_every_real_token_once_and_targets_predict_the_completion(wid
     for b in range(3):
         p, n = prompt_lengths[b], completion_lengths[b]
         for t in range(n):
-            target = rows.targets[b, t].item()
+            target = targets[b, t].item()
             assert flat_ids[target + 1].item() == batch.completion_ids[b, t].item()  # predicts y_t
             assert flat_positions[target].item() == p - 1 + t  # positions restart per segment
         for t in range(n, 4):  # after EOS: the segment's last token, masked out of ℓ
-            assert rows.targets[b, t].item() == rows.targets[b, n - 1].item() + 1
+            assert targets[b, t].item() == targets[b, n - 1].item() + 1
     assert rows.input_ids.numel() <= 3 * max(p + n for p, n in zip(prompt_lengths, completion_lengths, strict=True))
 
 
@@ -157,3 +157,18 @@ def test_a_sliding_window_cache_falls_back_to_the_padded_forward(gemma2):
     torch.manual_seed(0)
     batch = rollout.sample(gemma2, make_tokenizer(), ["the movie", "a"], temperature=1.0, max_new_tokens=3)
     assert batch.completion_ids.shape[0] == 2
+
+
+def test_pack_sequences_and_block_causal_mask_by_hand():
+    rows = packing.pack_sequences([torch.tensor([5, 6]), torch.tensor([7, 8, 9])], width=8)
+    assert rows.input_ids.tolist() == [[7, 8, 9, 5, 6]]  # longest first, one row of 5
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert rows.starts.tolist() == [3, 0]
+    mask = packing.block_causal_mask(rows)[0, 0].int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]

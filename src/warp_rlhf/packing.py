@@ -1,16 +1,18 @@
-"""Padding-free training forward: a rollout's sequences packed end to end into a few rows.
+"""Padding-free forwards: sequences packed end to end into a few rows.
 
 A rollout is left-padded to its longest prompt and right-padded after EOS; with prompts of
 4–16 tokens and 24 new tokens about 15% of its positions are padding. Packed, each sequence
 (its real prompt tokens and completion up to EOS) is a segment of a row, with position ids
 restarting at 0; transformers then builds a block-diagonal causal mask from the position ids,
 so a segment attends to itself only and its logits are those of the padded forward.
-Rows are at most about `PACK_WIDTH` tokens wide (a longer sequence gets a row to itself):
+The prompts' prefill in generation is packed the same way (`prefill`). Rows are at most about
+`PACK_WIDTH` tokens wide (a longer sequence gets a row to itself):
 attention over a row is quadratic in its width, the linear layers are not.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import weakref
 from dataclasses import dataclass
@@ -29,53 +31,83 @@ PACK_WIDTH = 128
 class PackedRows:
     input_ids: torch.Tensor  # (R, W): segments end to end, then filler
     position_ids: torch.Tensor  # (R, W): 0, 1, … within each segment (and within the filler)
-    targets: torch.Tensor  # (B, L): flat index into R·W of the position predicting completion token t
+    segment: torch.Tensor  # (R, W): which sequence each position holds (filler: B + row)
+    starts: torch.Tensor  # (B,): flat index into R·W of each sequence's first token
 
 
-def pack(rollout: Rollout, width: int = PACK_WIDTH) -> PackedRows:
-    """Pack every row's real tokens into rows, each sequence one segment of a row.
+def pack_sequences(sequences: list[torch.Tensor], width: int = PACK_WIDTH) -> PackedRows:
+    """Token sequences of different lengths as segments of a few rows (`_smallest_packing`)."""
+    lengths = [len(tokens) for tokens in sequences]
+    members, fill = _smallest_packing(lengths, width)
+    rows, row_width = len(members), max(fill)
+    input_ids = sequences[0].new_zeros(rows, row_width)
+    positions = torch.arange(row_width).repeat(rows, 1)
+    segment = torch.arange(rows).unsqueeze(1).repeat(1, row_width) + len(sequences)
+    starts = torch.empty(len(sequences), dtype=torch.long)
+    for row, placed in enumerate(members):
+        for b, offset in placed:
+            input_ids[row, offset : offset + lengths[b]] = sequences[b]
+            positions[row, offset : offset + lengths[b]] = torch.arange(lengths[b])
+            segment[row, offset : offset + lengths[b]] = b
+            starts[b] = row * row_width + offset
+        positions[row, fill[row] :] = torch.arange(row_width - fill[row])  # filler: a segment of its own
+    device = input_ids.device
+    return PackedRows(input_ids, positions.to(device), segment.to(device), starts.to(device))
 
-    Completion position t of row b is predicted at its segment's offset p_b − 1 + t; positions
+
+def pack(rollout: Rollout, width: int = PACK_WIDTH) -> tuple[PackedRows, torch.Tensor]:
+    """Each row's real tokens (prompt without padding, completion up to EOS) as one segment, and
+    the targets: flat indices (B, L) of the positions predicting each completion token.
+
+    Completion token t of row b is predicted at the segment's offset p_b − 1 + t; positions
     after EOS (masked out of ℓ) point at the segment's last token.
     """
     prompt_mask = rollout.attention_mask[:, : rollout.prompt_length].bool()
     completion_mask = rollout.completion_mask.bool()
-    prompt_lengths, completion_lengths = prompt_mask.sum(1).tolist(), completion_mask.sum(1).tolist()
-    if min(prompt_lengths) == 0:
+    prompt_lengths = prompt_mask.sum(1, keepdim=True)
+    if prompt_lengths.min() == 0:
         raise ValueError("a prompt has no tokens: its first completion token has no position to be predicted from")
-    lengths = [p + n for p, n in zip(prompt_lengths, completion_lengths, strict=True)]
-    members, fill = _smallest_packing(lengths, width)
-    rows, row_width = len(members), max(fill)
-    input_ids = rollout.input_ids.new_zeros(rows, row_width)
-    positions = torch.arange(row_width).repeat(rows, 1)
-    targets = torch.empty_like(rollout.completion_mask, device="cpu")
-    steps = torch.arange(targets.shape[1])
-    for row, segments in enumerate(members):
-        for b, offset in segments:
-            tokens = torch.cat([rollout.input_ids[b, : rollout.prompt_length][prompt_mask[b]],
-                                rollout.completion_ids[b][completion_mask[b]]])  # fmt: skip
-            input_ids[row, offset : offset + lengths[b]] = tokens
-            positions[row, offset : offset + lengths[b]] = torch.arange(lengths[b])
-            last = offset + lengths[b] - 1
-            targets[b] = row * row_width + (offset + prompt_lengths[b] - 1 + steps).clamp(max=last)
-        positions[row, fill[row] :] = torch.arange(row_width - fill[row])  # filler: its own segment
-    device = rollout.input_ids.device
-    return PackedRows(input_ids, positions.to(device), targets.to(device))
+    sequences = [
+        torch.cat([prompt[keep], completion[kept]])
+        for prompt, keep, completion, kept in zip(rollout.input_ids[:, : rollout.prompt_length], prompt_mask,
+                                                  rollout.completion_ids, completion_mask, strict=True)
+    ]  # fmt: skip
+    rows = pack_sequences(sequences, width)
+    steps = torch.arange(completion_mask.shape[1], device=prompt_lengths.device)
+    last = prompt_lengths + completion_mask.sum(1, keepdim=True) - 1
+    targets = rows.starts.unsqueeze(1) + torch.minimum(prompt_lengths - 1 + steps, last)
+    return rows, targets
+
+
+def block_causal_mask(rows: PackedRows) -> torch.Tensor:
+    """(R, 1, W, W) bool: a position attends to the positions of its own segment up to itself."""
+    width = rows.input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=rows.segment.device).tril()
+    return ((rows.segment.unsqueeze(2) == rows.segment.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+ROW_COUNTS_TRIED = 8
+"""Row counts `_smallest_packing` compares, from the fewest up: more rows only narrow them."""
 
 
 def _smallest_packing(lengths: list[int], width: int) -> tuple[list[list[tuple[int, int]]], list[int]]:
     """Segments (index, offset) per row and each row's fill, for the row count whose rows × widest
-    row is smallest, from ⌈Σ lengths / width⌉ rows up to one per sequence. Each count is filled
-    longest first into the emptiest row (LPT), which balances the rows to within one sequence.
+    row is smallest among `ROW_COUNTS_TRIED` counts from ⌈Σ lengths / width⌉. Each count is
+    filled longest first into the emptiest row (LPT), which balances the rows to within one
+    sequence; a heap keeps that O(B log R).
     """
     fewest = math.ceil(sum(lengths) / max(width, max(lengths)))
+    order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
     best = None
-    for rows in range(fewest, len(lengths) + 1):
-        fill, members = [0] * rows, [[] for _ in range(rows)]
-        for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
-            row = min(range(rows), key=fill.__getitem__)
-            members[row].append((b, fill[row]))
-            fill[row] += lengths[b]
+    for rows in range(fewest, min(len(lengths), fewest + ROW_COUNTS_TRIED - 1) + 1):
+        members, emptiest = [[] for _ in range(rows)], [(0, row) for row in range(rows)]
+        for b in order:
+            filled, row = heapq.heappop(emptiest)
+            members[row].append((b, filled))
+            heapq.heappush(emptiest, (filled + lengths[b], row))
+        fill = [0] * rows
+        for filled, row in emptiest:
+            fill[row] = filled
         if best is None or rows * max(fill) < len(best[1]) * max(best[1]):
             best = members, fill
     return best
@@ -88,10 +120,10 @@ def packed_logits(model, rollout: Rollout) -> torch.Tensor:
     so the model's own head (with whatever scaling or soft-capping it applies) runs on exactly
     the B · L target positions, picked with `logits_to_keep`.
     """
-    rows = pack(rollout)
+    rows, targets = pack(rollout)
     output = _flat_head_forward(model, input_ids=rows.input_ids, position_ids=rows.position_ids,
-                                logits_to_keep=rows.targets.flatten(), use_cache=False)  # fmt: skip
-    return output.logits.view(*rows.targets.shape, -1)
+                                logits_to_keep=targets.flatten(), use_cache=False)  # fmt: skip
+    return output.logits.view(*targets.shape, -1)
 
 
 def _flat_head_forward(model, **inputs):
@@ -180,31 +212,15 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, packe
         output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                        cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         return cache, output.logits[:, -1]
-    device, width = prompt_ids.device, prompt_ids.shape[1]
-    lengths = prompt_mask.sum(1).tolist()
-    members, fill = _smallest_packing(lengths, PACK_WIDTH)
-    rows, row_width = len(members), max(fill)
-    input_ids = prompt_ids.new_zeros(rows, row_width)
-    positions = torch.arange(row_width).repeat(rows, 1)
-    segment = torch.arange(rows).unsqueeze(1).repeat(1, row_width) + len(lengths)  # filler: one per row
-    source = torch.empty(len(lengths), width, dtype=torch.long)  # flat packed index of each cache slot
-    for row, segments in enumerate(members):
-        for b, offset in segments:
-            n, flat = lengths[b], row * row_width + offset
-            input_ids[row, offset : offset + n] = prompt_ids[b][prompt_mask[b].bool()]
-            positions[row, offset : offset + n] = torch.arange(n)
-            segment[row, offset : offset + n] = b
-            source[b, width - n :] = flat + torch.arange(n)
-            source[b, : width - n] = flat
-        positions[row, fill[row] :] = torch.arange(row_width - fill[row])
-    causal = torch.ones(row_width, row_width, dtype=torch.bool).tril()
-    mask = ((segment.unsqueeze(2) == segment.unsqueeze(1)) & causal).unsqueeze(1)
+    width, keep = prompt_ids.shape[1], prompt_mask.bool()
+    rows = pack_sequences([prompt[kept] for prompt, kept in zip(prompt_ids, keep, strict=True)])
+    lengths = keep.sum(1, keepdim=True)
+    slots = torch.arange(width, device=prompt_ids.device)
+    source = rows.starts.unsqueeze(1) + (slots - (width - lengths)).clamp(min=0)  # (B, P) → packed index
     packed_cache = DynamicCache(config=model.config)
-    last = source[:, -1].to(device)
-    output = _flat_head_forward(model, input_ids=input_ids, position_ids=positions.to(device),
-                                attention_mask=mask.to(device), cache=packed_cache, use_cache=True,
-                                logits_to_keep=last)  # fmt: skip
-    source = source.to(device)
+    output = _flat_head_forward(model, input_ids=rows.input_ids, position_ids=rows.position_ids,
+                                attention_mask=block_causal_mask(rows), cache=packed_cache, use_cache=True,
+                                logits_to_keep=source[:, -1])  # fmt: skip
 
     def left_padded(states: torch.Tensor) -> torch.Tensor:  # (R, h, W, d) → (B, h, P, d)
         return states.transpose(1, 2).flatten(0, 1)[source].transpose(1, 2)
