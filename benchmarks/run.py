@@ -6,7 +6,8 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 - our RL step: samples/s and the split of a step (generate, reward, anchor, policy, optimizer, ema);
 - TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
   synced as an EMA every step: samples/s, and the ratio;
-- model-FLOPs utilisation of our step against the fp32 matmul peak measured in this run;
+- model-FLOPs utilisation of our step against the fp32 matmul peak measured in this run (the
+  best of three measurements: before, between and after the trainers);
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
 - peak resident memory of a training process against the lower bound (policy + grads + Adam
   states + anchor + init + reward model bytes).
@@ -217,10 +218,14 @@ def main() -> None:
     if args.only:
         print(json.dumps(MEASUREMENTS[args.only](args.steps)))
         return
-    results = {}
-    for name in ("peak", "ours", "trl", "merge"):
+    results, peaks = {}, []
+    for name in ("peak", "ours", "peak", "trl", "peak", "merge"):
         print(f"measuring {name} …", file=sys.stderr, flush=True)
-        results[name] = _child(name, args.steps)
+        result = _child(name, args.steps)
+        if name == "peak":  # the best of three, spread over the run: a slow moment does not lower it
+            peaks.append(result["fp32_matmul_flops"])
+            result = {"fp32_matmul_flops": max(peaks), "measured": peaks}
+        results[name] = result
     ours, trl = results["ours"], results["trl"]
     summary = {
         "ratio_vs_trl": ours["samples_per_second"] / trl["samples_per_second"],
