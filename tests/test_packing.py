@@ -61,7 +61,7 @@ def test_empty_prompt_is_refused():
 
 def test_packed_logits_and_gradients_equal_the_padded_forward(policy):
     batch = ragged_rollout()
-    assert packing.packs_exactly(policy, rollout.padded_logits)
+    assert packing.packs_exactly(policy, rollout.padded_logits) and packing.prefill_packs_exactly(policy)
     losses = {}
     for name, forward in [("padded", rollout.padded_logits), ("packed", packing.packed_logits)]:
         policy.zero_grad(set_to_none=True)
@@ -119,6 +119,7 @@ def test_a_model_that_ignores_packing_falls_back_to_the_padded_forward(policy):
     model = IgnoresPositionIds(policy)
     batch = ragged_rollout()
     assert not packing.packs_exactly(model, rollout.padded_logits)
+    assert not packing.prefill_packs_exactly(model)
     with torch.no_grad():
         got = rollout.token_logits(model, batch, 1.0)
         expected = rollout.padded_logits(policy, batch)
@@ -148,12 +149,13 @@ def test_packed_prefill_gives_the_padded_cache_and_logits(policy):
         assert torch.allclose(packed_first[row], alone, atol=1e-5)
 
 
-def test_a_sliding_window_cache_falls_back_to_the_padded_forward(gemma2):
+def test_a_sliding_window_cache_packs_the_training_forward_but_not_the_prefill(gemma2):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=gemma2.config).layers)
-    assert not packing.packs_exactly(gemma2, rollout.padded_logits)
+    assert packing.packs_exactly(gemma2, rollout.padded_logits)
+    assert not packing.prefill_packs_exactly(gemma2)
     torch.manual_seed(0)
     batch = rollout.sample(gemma2, make_tokenizer(), ["the movie", "a"], temperature=1.0, max_new_tokens=3)
     assert batch.completion_ids.shape[0] == 2

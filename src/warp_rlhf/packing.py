@@ -141,24 +141,43 @@ def _flat_head_forward(model, **inputs):
         hook.remove()
 
 
-_PACKS_EXACTLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packs_exactly(model, padded_logits) -> bool:
-    """Whether packing gives the model's own numbers, checked once per model: `packed_logits`
-    against `padded_logits(model, rollout)`, and a packed `prefill` plus one decode step against
-    the padded ones.
+    """Whether `packed_logits` gives the model's own numbers: checked once per model against
+    `padded_logits(model, rollout)`.
 
-    True for the models transformers builds masks for from position ids or takes a 4D mask from
-    (Llama, Qwen, SmolLM, Gemma, …) with a plain KV cache; False where a model ignores packing
-    (e.g. remote code with its own masks) or keeps a sliding-window cache. The probe packs two
-    short sequences into one row, so attention across them shows up as an O(1) change, far above
-    rounding.
+    True for the models transformers builds masks for from position ids (Llama, Qwen, SmolLM,
+    Gemma, Mistral, …); False where a model ignores packing (e.g. remote code with its own masks).
+    The probe packs two short sequences into one row, so attention across them shows up as an
+    O(1) change, far above rounding.
     """
-    if model not in _PACKS_EXACTLY:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+    return _verdict(model, "forward", lambda probe: [(padded_logits(model, probe), packed_logits(model, probe))])
 
+
+def prefill_packs_exactly(model) -> bool:
+    """Whether a packed `prefill` plus one decode step gives the padded ones' logits: checked once
+    per model. Needs a plain KV cache (a sliding-window cache keeps the last tokens of a packed
+    row, not of each prompt) and a model that takes a 4D mask as given.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        return False
+
+    def pairs(probe: Rollout):
+        padded, packed = (_prefill_and_step(model, probe, packed) for packed in (False, True))
+        return list(zip(padded, packed, strict=True))
+
+    return _verdict(model, "prefill", pairs)
+
+
+def _verdict(model, what: str, pairs) -> bool:
+    """`pairs(probe)` → (expected, got) logits on a two-row probe, all close: cached per model."""
+    verdicts = _VERDICTS.setdefault(model, {})
+    if what not in verdicts:
         from warp_rlhf.rollout import build_rollout
 
         device = next(model.parameters()).device
@@ -166,23 +185,20 @@ def packs_exactly(model, padded_logits) -> bool:
         ids = torch.arange(3, 3 + 14, device=device).remainder(vocab).view(2, 7)
         prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=device)
         probe = build_rollout(ids[:, :4], prompt_mask, ids[:, 4:], eos=[-1])  # two rows, no EOS
-        plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                pairs = [(padded_logits(model, probe), packed_logits(model, probe))]
-                if plain_cache:
-                    padded, packed = (_prefill_and_step(model, probe, packed) for packed in (False, True))
-                    pairs += list(zip(padded, packed, strict=True))
+                verdicts[what] = all(_close(expected, got) for expected, got in pairs(probe))
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
-            pairs = None
-        _PACKS_EXACTLY[model] = plain_cache and pairs is not None and all(_close(a, b) for a, b in pairs)
-    return _PACKS_EXACTLY[model]
+            verdicts[what] = False
+    return verdicts[what]
 
 
 def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal up to rounding: 1e-4 of the logits' scale in fp32, 2e-2 in half precision."""
+    tolerance = 1e-4 if expected.dtype == torch.float32 else 2e-2
     expected, got = expected.float(), got.float()
     scale = expected.abs().max().clamp(min=1.0)
-    return got.shape == expected.shape and bool((got - expected).abs().max() <= 1e-2 * scale)
+    return got.shape == expected.shape and bool((got - expected).abs().max() <= tolerance * scale)
 
 
 def _prefill_and_step(model, probe: Rollout, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:

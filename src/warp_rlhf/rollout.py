@@ -128,7 +128,7 @@ def prepacked_linears(model, rows: int) -> Iterator[None]:
 def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False):
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
 
-    A prefill of the prompts (packed without padding where `packing.packs_exactly`), then a
+    A prefill of the prompts (packed without padding where `packing.prefill_packs_exactly`), then a
     KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
     top_p = 1), stopping when every row has emitted EOS or after L tokens. With
     `with_logits`, also returns the logits / τ of every completion position, shape (B, L, V),
@@ -140,7 +140,7 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)
-    packed = packing.packs_exactly(model, padded_logits)
+    packed = packing.prefill_packs_exactly(model)
     mask, positions = prompt_mask, position_ids(prompt_mask)[:, -1:]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, scaled_logits = [], []
