@@ -60,19 +60,26 @@ def _embedded():
     return config, policy_path, tokenizer, prompts, reward_model, load_causal_lm
 
 
-def step_flops(n_params: int, n_output: int, tokens: float, completion_tokens: float) -> float:
-    """Model FLOPs of one step: 2 per weight per token for a forward, 4 more for a backward.
+def phase_flops(n_params: int, n_output: int, tokens: float, completion_tokens: float, reward: float) -> dict:
+    """Model FLOPs of each phase of one step: 2 per weight per token for a forward, 4 more for a backward.
 
     The output layer (`n_output` weights, tied to the input embedding, whose lookup costs no
     FLOPs) runs only where a completion token is predicted; the rest of the model on every
     real token (padding excluded). Generation feeds every token but the last of each row
     (prefill + decode); the policy's training forward + backward and the anchor's forward see
-    the whole sequence. The reward model's forward is left out.
+    the whole sequence. `reward` is the reward model's forward, counted the same way by the
+    caller. Attention's own products (QKᵀ, AV: under 1% at these lengths) are left out.
     """
     body = n_params - n_output
     forward = 2 * (body * tokens + n_output * completion_tokens)
     generation = 2 * (body * (tokens - BATCH) + n_output * completion_tokens)
-    return 3 * forward + forward + generation
+    return {"generate": generation, "reward": reward, "anchor": forward, "policy": 3 * forward}
+
+
+def _forward_flops(model, tokens: int) -> float:
+    """2 FLOPs per weight per token, the input embedding (a lookup) left out."""
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    return 2.0 * body * tokens
 
 
 def _peak_rss_bytes() -> int:
@@ -86,18 +93,27 @@ def measure_ours(steps: int) -> dict:
     config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
     policy = load_causal_lm(policy_path)
 
+    reward_tokens = []  # real (unpadded) tokens the reward model reads, per step
+
     def reward(batch_prompts, completions):
-        return reward_model.score([p + c for p, c in zip(batch_prompts, completions, strict=True)])
+        texts = [p + c for p, c in zip(batch_prompts, completions, strict=True)]
+        encoded = reward_model.tokenizer(texts, truncation=True, max_length=reward_model.max_length)
+        reward_tokens.append(sum(len(ids) for ids in encoded["input_ids"]))
+        return reward_model.score(texts)
 
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
     with tempfile.TemporaryDirectory() as folder:
         trainer.run(RunSpec(1, 1, Path(folder), MU), None, steps + 1)  # the real code path, checkpoint files included
-        rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()][1:]
+        rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     n_params = sum(p.numel() for p in policy.parameters())
+    output_weights = policy.get_output_embeddings().weight.numel()
+    for row, tokens in zip(rows, reward_tokens, strict=True):
+        row["flops"] = phase_flops(n_params, output_weights, row["tokens"], row["completion_tokens"],
+                                   _forward_flops(reward_model.model, tokens))  # fmt: skip
+    rows = rows[1:]  # the first step warms up
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
-    output_weights = policy.get_output_embeddings().weight.numel()
-    flops = step_flops(n_params, output_weights, median["tokens"], median["completion_tokens"])
+    flops = sum(median["flops"].values())
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     return {
@@ -105,6 +121,7 @@ def measure_ours(steps: int) -> dict:
         "samples_per_second": BATCH / phases["seconds"],
         "phases": phases,
         "flops_per_step": flops,
+        "flops_per_phase": median["flops"],
         "n_params": n_params,
         "peak_rss_bytes": _peak_rss_bytes(),
         # policy + grads + Adam (2 moments) + anchor + init, and the reward model
@@ -150,18 +167,33 @@ def measure_trl(steps: int) -> dict:
 
 
 def measure_peak(steps: int = 0) -> dict:
-    """fp32 matmul throughput (GFLOP/s), the best of several 2048 x 2048 products."""
+    """fp32 matmul throughput (GFLOP/s): the best of several 2048 x 2048 products, from each of the
+    two GEMM libraries torch has on CPU (MKL's `torch.mm`; oneDNN with a packed weight, which is
+    about 15% faster here), so the peak is what the machine can do, not what one library does.
+    """
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2 * 2048**3 / (time.perf_counter() - started))
-    return {"fp32_matmul_flops": best}
+    products = {"mkl": lambda: torch.mm(a, b)}
+    if rollout_can_prepack():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 2048)
+        products["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    best = {}
+    for name, product in products.items():
+        product()
+        best[name] = 0.0
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(4):
+                product()
+            best[name] = max(best[name], 4 * 2 * 2048**3 / (time.perf_counter() - started))
+    return {"fp32_matmul_flops": max(best.values()), "by_library": best}
+
+
+def rollout_can_prepack() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def measure_merge(steps: int = 0) -> dict:
@@ -223,8 +255,8 @@ def main() -> None:
         print(f"measuring {name} …", file=sys.stderr, flush=True)
         result = _child(name, args.steps)
         if name == "peak":  # the best of three, spread over the run: a slow moment does not lower it
-            peaks.append(result["fp32_matmul_flops"])
-            result = {"fp32_matmul_flops": max(peaks), "measured": peaks}
+            peaks.append(result)
+            result = {"fp32_matmul_flops": max(p["fp32_matmul_flops"] for p in peaks), "measured": peaks}
         results[name] = result
     ours, trl = results["ours"], results["trl"]
     summary = {
@@ -232,6 +264,10 @@ def main() -> None:
         "mfu": ours["flops_per_step"] / ours["seconds_per_step"] / results["peak"]["fp32_matmul_flops"],
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
         "rss_vs_bound": ours["peak_rss_bytes"] / ours["lower_bound_bytes"],
+    }
+    peak, ours = results["peak"]["fp32_matmul_flops"], results["ours"]
+    ours["utilisation_per_phase"] = {
+        phase: flops / ours["phases"][f"seconds_{phase}"] / peak for phase, flops in ours["flops_per_phase"].items()
     }
     results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads()}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -249,7 +285,16 @@ def results_markdown(results: dict) -> str:
     d = results["details"]
     gib = 2**30
     phases = d["ours"]["phases"]
-    split = "\n".join(f"| {k.removeprefix('seconds_')} | {v:.2f} |" for k, v in phases.items() if k != "seconds")
+    use = d["ours"]["utilisation_per_phase"]
+    split = "\n".join(
+        f"| {k.removeprefix('seconds_')} | {v:.2f} | {use.get(k.removeprefix('seconds_'), 0):.2f} |"
+        for k, v in phases.items()
+        if k != "seconds"
+    )
+    libraries = " / ".join(
+        f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
+        for name in d["peak"]["measured"][0]["by_library"]
+    )
     return f"""# Benchmark results
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
@@ -267,15 +312,15 @@ SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {res
 |---|---|
 | our step | {d["ours"]["seconds_per_step"]:.2f} s, {d["ours"]["samples_per_second"]:.2f} samples/s |
 | TRL RLOOTrainer step | {d["trl"]["seconds_per_step"]:.2f} s, {d["trl"]["samples_per_second"]:.2f} samples/s |
-| fp32 matmul peak | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
+| fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
 | model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
 | SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
 | peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / gib:.2f} / {d["ours"]["lower_bound_bytes"] / gib:.2f} GiB |
 
-Split of our step (seconds):
+Split of our step: seconds, and model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs):
 
-| phase | seconds |
-|---|---|
+| phase | seconds | FLOPs/s ÷ peak |
+|---|---|---|
 {split}
 
 {(HERE / "NOTES.md").read_text()}"""

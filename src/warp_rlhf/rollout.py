@@ -98,13 +98,14 @@ def _can_prepack(model) -> bool:
 
 @contextlib.contextmanager
 def prepacked_linears(model, rows: int) -> Iterator[None]:
-    """Inside, every `nn.Linear` of a CPU fp32 model multiplies at most `rows` rows with a
-    oneDNN GEMM whose weight was packed once on entry, instead of re-packing per call.
+    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with a oneDNN GEMM whose weight
+    was packed once on entry (for products of about `rows` rows), instead of the default GEMM.
 
     A decode step at batch B is a skinny product (B rows) with every weight matrix, and the
     default GEMM packs the whole weight on every call; packed once per generation, SmolLM2's
-    24-token generation at B = 16 went from 2.5 s to 1.8 s on 2 cores (benchmarks/RESULTS.md).
-    Products with more rows (the prompt's prefill) use the module's own weight. The packed
+    24-token generation at B = 16 went from 2.5 s to 1.8 s on 2 cores. The prompts' prefill
+    (a few hundred rows) runs on the packed weights too: 0.30 → 0.21 s per batch
+    (benchmarks/RESULTS.md). For no-grad use: the packed product has no backward. The packed
     copies are freed on exit; anywhere else (GPU, bf16, no oneDNN) this does nothing.
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if _can_prepack(model) else []
@@ -112,9 +113,7 @@ def prepacked_linears(model, rows: int) -> Iterator[None]:
         packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
 
         def forward(x: torch.Tensor, module=module, packed=packed) -> torch.Tensor:
-            if x.numel() <= rows * x.shape[-1]:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-            return torch.nn.functional.linear(x, module.weight, module.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
         module.forward = forward
     try:
