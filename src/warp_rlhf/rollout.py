@@ -84,7 +84,7 @@ def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
-def _can_prepack(model) -> bool:
+def _can_use_onednn(model) -> bool:
     weight = next(model.parameters())
     ops = torch.ops.mkldnn
     return (
@@ -97,23 +97,31 @@ def _can_prepack(model) -> bool:
 
 
 @contextlib.contextmanager
-def prepacked_linears(model, rows: int) -> Iterator[None]:
-    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with a oneDNN GEMM whose weight
-    was packed once on entry (for products of about `rows` rows), instead of the default GEMM.
+def onednn_linears(model, rows: int | None = None) -> Iterator[None]:
+    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with a oneDNN GEMM instead of
+    the default (MKL) one, wherever no gradient is recorded.
 
-    A decode step at batch B is a skinny product (B rows) with every weight matrix, and the
+    With `rows`, each weight is packed once on entry for products of about that many rows. A
+    decode step at batch B is a skinny product (B rows) with every weight matrix, and the
     default GEMM packs the whole weight on every call; packed once per generation, SmolLM2's
-    24-token generation at B = 16 went from 2.5 s to 1.8 s on 2 cores. The prompts' prefill
-    (a few hundred rows) runs on the packed weights too: 0.30 → 0.21 s per batch
-    (benchmarks/RESULTS.md). For no-grad use: the packed product has no backward. The packed
-    copies are freed on exit; anywhere else (GPU, bf16, no oneDNN) this does nothing.
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if _can_prepack(model) else []
-    for module in linears:
-        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
+    24-token generation at B = 16 went from 2.5 s to 1.8 s on 2 cores, and the prompts' prefill
+    on the same packed weights from 0.30 to 0.24 s per batch. Without `rows`, oneDNN takes the
+    module's own weight: for a no-grad forward whose weights are read once (the anchor's), packing
+    would cost more than it buys, and oneDNN's GEMM is still faster than MKL's (the anchor forward
+    0.98 → 0.89 s). benchmarks/RESULTS.md has the measurements.
 
-        def forward(x: torch.Tensor, module=module, packed=packed) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    Where gradients are recorded the module's own forward runs (oneDNN's product has no backward).
+    Packed copies are freed on exit; anywhere else (GPU, bf16, no oneDNN) this does nothing.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if _can_use_onednn(model) else []
+    for module in linears:
+        weight = module.weight.detach()
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if rows else weight
+
+        def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
+            if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+                return torch.nn.functional.linear(x, module.weight, module.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
 
         module.forward = forward
     try:
@@ -143,7 +151,7 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     mask, positions = prompt_mask, position_ids(prompt_mask)[:, -1:]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, scaled_logits = [], []
-    with prepacked_linears(model, len(prompts)):
+    with onednn_linears(model, rows=len(prompts)):
         cache, logits = packing.prefill(model, prompt_ids, prompt_mask, packed=packed)
         for step in range(max_new_tokens):
             scaled = logits.float() / temperature
@@ -174,10 +182,13 @@ def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
 
     The forward is padding-free (`packing`) wherever that gives the model's own logits, and the
     output layer runs on the L completion positions only; τ divides in place, so there is no
-    second full-vocabulary tensor in the forward, and none from slicing in the backward.
+    second full-vocabulary tensor in the forward, and none from slicing in the backward. Where
+    no gradient is recorded (the anchor's forward, the reference policy's in evaluation), the
+    linears multiply with oneDNN (`onednn_linears`).
     """
     forward = packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
-    logits = forward(model, rollout).float()
+    with onednn_linears(model) if not torch.is_grad_enabled() else contextlib.nullcontext():
+        logits = forward(model, rollout).float()
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
