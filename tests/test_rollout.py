@@ -110,31 +110,3 @@ def test_sample_categorical_draws_from_the_softmax():
         frequency = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
         assert torch.allclose(frequency, torch.softmax(logits[row], -1), atol=0.012), frequency
     assert (draws[:, 0] != 4).all()  # a zero-probability token is never drawn
-
-
-def test_onednn_linears_give_the_same_logits_and_leave_the_model_as_it_was(policy):
-    if not rollout._can_use_onednn(policy):
-        pytest.skip("no oneDNN on this torch build")
-    ids = torch.randint(3, policy.config.vocab_size, (4, 3), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        plain = [policy(input_ids=ids[:, :1]).logits, policy(input_ids=ids).logits]
-        for rows in (4, None):  # packed for 4 rows; the module's own weight
-            with rollout.onednn_linears(policy, rows=rows):
-                assert sum("forward" in vars(m) for m in policy.modules()) > 3  # the linears are swapped
-                got = [policy(input_ids=ids[:, :1]).logits, policy(input_ids=ids).logits]  # 4 rows; 12 rows
-            assert not any("forward" in vars(m) for m in policy.modules())
-            for logits, want in zip(got, plain, strict=True):
-                assert torch.allclose(logits, want, atol=1e-5)
-
-
-def test_onednn_linears_leave_gradients_to_the_modules_own_forward(policy):
-    ids = torch.randint(3, policy.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
-    policy.zero_grad(set_to_none=True)
-    policy(input_ids=ids).logits.square().mean().backward()
-    want = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad(set_to_none=True)
-    with rollout.onednn_linears(policy, rows=2):
-        policy(input_ids=ids).logits.square().mean().backward()
-    for parameter, expected in zip(policy.parameters(), want, strict=True):
-        assert parameter.grad is not None and torch.equal(parameter.grad, expected)
-    policy.zero_grad(set_to_none=True)

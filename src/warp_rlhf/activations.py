@@ -22,7 +22,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
+
+from warp_rlhf.gemm import input_gradient, product
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -52,7 +53,7 @@ class _GatedProjection(torch.autograd.Function):
         ctx.activation = activation
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
-        return F.linear(activation(gate) * up, weight, bias)
+        return product(activation(gate) * up, weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -62,7 +63,7 @@ class _GatedProjection(torch.autograd.Function):
             gate = gate.detach().requires_grad_()
             activated = ctx.activation(gate)
         hidden = activated.detach() * up
-        grad_hidden = grad_out @ weight.to(grad_out.dtype)
+        grad_hidden = input_gradient(grad_out, weight)
         grad_weight = grad_out.flatten(0, -2).T @ hidden.flatten(0, -2)
         grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.has_bias else None
         (grad_gate,) = torch.autograd.grad(activated, gate, grad_hidden * up)

@@ -9,14 +9,13 @@ softmax(logits / τ), so ℓ is the log-probability of what was actually sampled
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from warp_rlhf import packing
 from warp_rlhf.activations import token_logprobs
+from warp_rlhf.gemm import onednn_linears
 from warp_rlhf.packing import position_ids
 
 
@@ -84,53 +83,6 @@ def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
-def _can_use_onednn(model) -> bool:
-    weight = next(model.parameters())
-    ops = torch.ops.mkldnn
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
-
-
-@contextlib.contextmanager
-def onednn_linears(model, rows: int | None = None) -> Iterator[None]:
-    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with a oneDNN GEMM instead of
-    the default (MKL) one, wherever no gradient is recorded.
-
-    With `rows`, each weight is packed once on entry for products of about that many rows. A
-    decode step at batch B is a skinny product (B rows) with every weight matrix, and the
-    default GEMM packs the whole weight on every call; packed once per generation, SmolLM2's
-    24-token generation at B = 16 went from 2.5 s to 1.8 s on 2 cores, and the prompts' prefill
-    on the same packed weights from 0.30 to 0.24 s per batch. Without `rows`, oneDNN takes the
-    module's own weight: for a no-grad forward whose weights are read once (the anchor's), packing
-    would cost more than it buys, and oneDNN's GEMM is still faster than MKL's (the anchor forward
-    0.98 → 0.89 s). benchmarks/RESULTS.md has the measurements.
-
-    Where gradients are recorded the module's own forward runs (oneDNN's product has no backward).
-    Packed copies are freed on exit; anywhere else (GPU, bf16, no oneDNN) this does nothing.
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if _can_use_onednn(model) else []
-    for module in linears:
-        weight = module.weight.detach()
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if rows else weight
-
-        def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
-            if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
-                return torch.nn.functional.linear(x, module.weight, module.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
-
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module in linears:
-            del module.forward
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False):
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
@@ -182,12 +134,11 @@ def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
 
     The forward is padding-free (`packing`) wherever that gives the model's own logits, and the
     output layer runs on the L completion positions only; τ divides in place, so there is no
-    second full-vocabulary tensor in the forward, and none from slicing in the backward. Where
-    no gradient is recorded (the anchor's forward, the reference policy's in evaluation), the
-    linears multiply with oneDNN (`onednn_linears`).
+    second full-vocabulary tensor in the forward, and none from slicing in the backward. On CPU
+    the linears multiply with oneDNN (`gemm.onednn_linears`), with or without a gradient.
     """
     forward = packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
-    with onednn_linears(model) if not torch.is_grad_enabled() else contextlib.nullcontext():
+    with onednn_linears(model):
         logits = forward(model, rollout).float()
     return logits if temperature == 1.0 else logits.div_(temperature)
 
