@@ -72,3 +72,17 @@ def test_onednn_linears_give_autograds_gradients(policy, rows):
         assert parameter.grad is not None
         assert torch.allclose(parameter.grad, expected, rtol=1e-4, atol=1e-6)
     policy.zero_grad(set_to_none=True)
+
+
+@needs_onednn
+def test_nested_onednn_linears_give_back_the_enclosing_ones(policy):
+    ids = torch.randint(3, policy.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), gemm.onednn_linears(policy, rows=2) as outer:
+        head = policy.get_output_embeddings()
+        packed_forward = vars(head)["forward"]
+        with gemm.onednn_linears(policy) as inner:
+            assert inner[head] is head.weight.detach() or torch.equal(inner[head], head.weight)
+            assert vars(head)["forward"] is not packed_forward
+        assert vars(head)["forward"] is packed_forward and head in outer
+        policy(input_ids=ids)
+    assert "forward" not in vars(head)

@@ -75,8 +75,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @contextlib.contextmanager
-def onednn_linears(model: torch.nn.Module, rows: int | None = None) -> Iterator[None]:
-    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with oneDNN.
+def onednn_linears(model: torch.nn.Module, rows: int | None = None) -> Iterator[dict[torch.nn.Module, torch.Tensor]]:
+    """Inside, every `nn.Linear` of a CPU fp32 model multiplies with oneDNN; yields each linear
+    layer's weight as oneDNN takes it (packed with `rows`), empty where oneDNN is not used.
 
     With `rows`, each weight is packed once on entry for products of about that many rows. A
     decode step at batch B is a skinny product (B rows) with every weight matrix, and MKL packs
@@ -92,9 +93,10 @@ def onednn_linears(model: torch.nn.Module, rows: int | None = None) -> Iterator[
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if weight is None or not runs_on_onednn(weight):
         linears = []
+    weights, previous = {}, {module: vars(module).get("forward") for module in linears}
     for module in linears:
         weight = module.weight.detach()
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if rows else weight
+        weights[module] = weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if rows else weight
 
         def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
             if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
@@ -103,7 +105,10 @@ def onednn_linears(model: torch.nn.Module, rows: int | None = None) -> Iterator[
 
         module.forward = forward
     try:
-        yield
+        yield weights
     finally:
-        for module in linears:
-            del module.forward
+        for module in linears:  # as it was: the class's forward, or an enclosing context's
+            if previous[module] is None:
+                del module.forward
+            else:
+                module.forward = previous[module]

@@ -153,7 +153,7 @@ def packs_exactly(model, padded_logits) -> bool:
     The probe packs two short sequences into one row, so attention across them shows up as an
     O(1) change, far above rounding.
     """
-    return _verdict(model, "forward", lambda probe: [(padded_logits(model, probe), packed_logits(model, probe))])
+    return verdict(model, "forward", lambda probe: [(padded_logits(model, probe), packed_logits(model, probe))])
 
 
 def prefill_packs_exactly(model) -> bool:
@@ -171,11 +171,12 @@ def prefill_packs_exactly(model) -> bool:
         padded, packed = (_prefill_and_step(model, probe, packed) for packed in (False, True))
         return list(zip(padded, packed, strict=True))
 
-    return _verdict(model, "prefill", pairs)
+    return verdict(model, "prefill", pairs)
 
 
-def _verdict(model, what: str, pairs) -> bool:
-    """`pairs(probe)` → (expected, got) logits on a two-row probe, all close: cached per model."""
+def verdict(model, what: str, pairs) -> bool:
+    """`pairs(probe)` → (expected, got) logits on a two-row probe, all close: checked once per model
+    and `what`, and False where the probe fails."""
     verdicts = _VERDICTS.setdefault(model, {})
     if what not in verdicts:
         from warp_rlhf.rollout import build_rollout

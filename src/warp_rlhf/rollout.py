@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from warp_rlhf import packing
+from warp_rlhf import decoding, packing
 from warp_rlhf.activations import token_logprobs
 from warp_rlhf.gemm import onednn_linears
 from warp_rlhf.packing import position_ids
@@ -88,8 +88,9 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
 
     A prefill of the prompts (packed without padding where `packing.prefill_packs_exactly`), then a
-    KV-cache decode loop: softmax(logits / τ) over the whole vocabulary (top_k = 0,
-    top_p = 1), stopping when every row has emitted EOS or after L tokens. With
+    KV-cache decode loop (`decoding.LlamaDecoder` where `decoding.decodes_exactly`, else the model's
+    own forward), both on oneDNN weights packed for B rows on CPU: softmax(logits / τ) over the
+    whole vocabulary (top_k = 0, top_p = 1), stopping when every row has emitted EOS or after L tokens. With
     `with_logits`, also returns the logits / τ of every completion position, shape (B, L, V),
     taken from generation itself (no second forward pass).
     """
@@ -99,32 +100,23 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)
-    packed = packing.prefill_packs_exactly(model)
-    mask, positions = prompt_mask, position_ids(prompt_mask)[:, -1:]
+    packed, lean = packing.prefill_packs_exactly(model), decoding.decodes_exactly(model)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, scaled_logits = [], []
-    with onednn_linears(model, rows=len(prompts)):
+    with onednn_linears(model, rows=len(prompts)) as weights:
         cache, logits = packing.prefill(model, prompt_ids, prompt_mask, packed=packed)
-        for step in range(max_new_tokens):
+        step = decoding.decoder(model, weights, cache, prompt_mask, max_new_tokens, lean=lean)
+        del cache  # the decoder holds what it needs
+        for index in range(max_new_tokens):
             scaled = logits.float() / temperature
             token = torch.where(finished, eos_tensor[0], sample_categorical(scaled))
             tokens.append(token)
             if with_logits:
                 scaled_logits.append(scaled)
             finished |= torch.isin(token, eos_tensor)
-            if finished.all() or step == max_new_tokens - 1:
+            if finished.all() or index == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            positions = positions + 1
-            output = model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1]
+            logits = step(token)
     result = build_rollout(prompt_ids, prompt_mask, torch.stack(tokens, dim=1), eos)
     return (result, torch.stack(scaled_logits, dim=1)) if with_logits else result
 
