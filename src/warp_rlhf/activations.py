@@ -10,8 +10,8 @@ product:
 - a gated MLP, down(act(gate(x)) ⊙ up(x)), saves gate(x) and up(x) only;
   act(gate) and the product, half of the MLP's saved activations, are recomputed in the
   backward pass (elementwise work);
-- a tied input embedding's gradient as sparse rows (the batch's tokens), added in place to the
-  output layer's dense gradient, instead of a second dense (V, d) tensor.
+- a tied input embedding's gradient as sparse rows (the batch's tokens), which autograd adds to
+  the output layer's dense gradient, instead of a second dense (V, d) tensor.
 
 `lean_backward(model)` applies the last two around a training forward.
 """
@@ -84,8 +84,8 @@ def lean_backward(model: torch.nn.Module) -> Iterator[None]:
     Every gated MLP (Llama, Mistral, Qwen, Gemma, SmolLM: `gate_proj`, `up_proj`, `down_proj`,
     `act_fn`) saves gate(x) and up(x) instead of also act(gate(x)) and their product: on SmolLM2
     at 568 tokens, 200 of 728 MB of saved activations. An input embedding tied to the output
-    layer returns sparse gradient rows, which autograd adds in place to the output layer's dense
-    gradient (the parameter's gradient stays dense). Other modules are left as they are.
+    layer returns sparse gradient rows, which autograd adds to the output layer's dense gradient
+    (the parameter's gradient stays dense). Other modules are left as they are.
     """
     mlps = [m for m in model.modules() if _is_gated_mlp(m)]
     for mlp in mlps:

@@ -86,8 +86,9 @@ def onednn_linears(model: torch.nn.Module, rows: int | None = None) -> Iterator[
     weights from 0.30 to 0.24 s per batch. The packed copies serve no-grad calls only and are
     freed on exit. Without `rows`, oneDNN takes the modules' own weights: for forwards whose
     weights are read once, packing would cost more than it buys (anchor forward 0.98 → 0.89 s).
-    Where a gradient is recorded, `linear` runs (policy forward 0.89 → 0.84 s, backward
-    1.74 → 1.71 s). benchmarks/NOTES.md has the measurements.
+    Where a gradient is recorded, `linear` runs (policy forward 0.937 → 0.872 s, backward
+    1.833 → 1.800 s). Contexts nest: each gives back the forwards it found. benchmarks/NOTES.md
+    has the measurements.
     """
     weight = next(model.parameters(), None)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
