@@ -79,3 +79,11 @@ def test_lean_backward_saves_less_for_the_backward_pass(tiny_policy):
     mlp_activation = 4 * 16 * model.config.intermediate_size * 4  # one (B, T, ffn) fp32 tensor
     per_layer = (saved_bytes(False) - saved_bytes(True)) / model.config.num_hidden_layers
     assert per_layer == 2 * mlp_activation  # act(gate) and act(gate) ⊙ up are no longer kept
+
+
+def test_logsumexp_in_pieces_is_torchs(monkeypatch):
+    logits = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 10
+    monkeypatch.setattr(activations, "CHUNK_BYTES", 2 * 7 * 4)  # pieces of 2 rows: 8 pieces
+    got = activations.logsumexp(logits)
+    assert got.shape == (3, 5, 1)
+    assert torch.allclose(got, torch.logsumexp(logits, dim=-1, keepdim=True), atol=1e-6)

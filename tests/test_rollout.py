@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -110,3 +112,13 @@ def test_sample_categorical_draws_from_the_softmax():
         frequency = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
         assert torch.allclose(frequency, torch.softmax(logits[row], -1), atol=0.012), frequency
     assert (draws[:, 0] != 4).all()  # a zero-probability token is never drawn
+
+
+def test_mean_entropy_by_hand():
+    # row 1: uniform over 4 tokens (H = log 4), then p = (1/2, 1/4, 1/4, 0⁺); row 2: masked after one token
+    half = torch.log(torch.tensor([2.0, 1.0, 1.0, 1e-30]))
+    logits = torch.stack([torch.stack([torch.zeros(4), half]), torch.stack([half, torch.zeros(4)])])
+    batch = rollout.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.tensor([[1, 1], [1, 0]]), 1)
+    h_half = 1.5 * math.log(2)  # −(½ log ½ + 2 · ¼ log ¼)
+    want = (math.log(4) + h_half + h_half) / 3
+    assert rollout.mean_entropy(logits, batch) == pytest.approx(want, abs=1e-6)

@@ -154,14 +154,13 @@ def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_entropy(logits: torch.Tensor, rollout: Rollout) -> float:
-    """Mean per-token entropy H = logsumexp z − Σ p z of the sampling distribution (nats).
+    """Mean per-token entropy H = −Σ p log p of the sampling distribution (nats), p = softmax(z).
 
     Row by row, so its temporaries are one row's (L, V), not the batch's: it runs while the
     training forward's activations are alive, at the step's memory peak.
     """
-    entropy = torch.stack(
-        [torch.logsumexp(row, dim=-1) - torch.linalg.vecdot(torch.softmax(row, dim=-1), row) for row in logits]
-    )
+    log_p = (torch.log_softmax(row, dim=-1) for row in logits)
+    entropy = torch.stack([-torch.linalg.vecdot(row.exp(), row) for row in log_p])
     return ((entropy * rollout.completion_mask).sum() / rollout.completion_mask.sum().clamp(min=1)).item()
 
 
