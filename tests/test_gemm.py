@@ -23,7 +23,7 @@ def test_onednn_linear_matches_hand_computation(bias):
     want = torch.tensor([[[1.0, 1.0], [6.0, 0.5]]]) + (torch.tensor([0.5, -2.0]) if bias else 0)
     assert y.shape == (1, 2, 2) and torch.allclose(y, want)
     assert "OneDnnLinear" in type(y.grad_fn.next_functions[0][0]).__name__
-    y.div_(2.0)  # the output layer's logits are divided by τ in place
+    y.div_(2.0)  # a model may modify a linear layer's output in place
     grad = torch.tensor([[[1.0, 0.0], [2.0, -1.0]]])
     y.backward(grad)
     g = grad / 2  # through the division

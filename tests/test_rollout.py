@@ -104,6 +104,17 @@ def test_generation_logits_equal_a_full_forward(policy, tokenizer):
     assert torch.allclose(torch.log_softmax(logits, -1)[mask], torch.log_softmax(full, -1)[mask], atol=1e-4)
 
 
+def test_token_logits_with_a_gradient_divide_by_tau_out_of_place(policy, tokenizer):
+    torch.manual_seed(4)
+    batch = rollout.sample(policy, tokenizer, ["the movie", "a"], temperature=0.7, max_new_tokens=4)
+    with torch.no_grad():
+        plain = rollout.token_logits(policy, batch, 0.7)
+    logits = rollout.token_logits(policy, batch, 0.7)
+    # in place, the backward pass would go through CopySlices, which copies the whole gradient
+    assert type(logits.grad_fn).__name__ == "DivBackward0"
+    assert torch.allclose(logits, plain, atol=1e-5)
+
+
 def test_sample_categorical_draws_from_the_softmax():
     torch.manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, float("-inf")], [3.0, 0.0, 0.0, 0.0, 0.0]])

@@ -69,8 +69,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear with oneDNN products on CPU fp32, gradients included (`OneDnnLinear`)."""
     if not runs_on_onednn(x, weight):
         return F.linear(x, weight, bias)
-    # The function sees 2-D tensors, so its output is not a view: the output layer's logits are
-    # divided by τ in place, which autograd forbids on a view made inside a custom function.
+    # The function sees 2-D tensors, so its output is not a view made inside a custom function,
+    # which autograd would forbid a model to modify in place.
     return OneDnnLinear.apply(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
 
 

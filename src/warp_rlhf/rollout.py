@@ -125,14 +125,20 @@ def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     """Logits / τ predicting each completion token, shape (B, L, V).
 
     The forward is padding-free (`packing`) wherever that gives the model's own logits, and the
-    output layer runs on the L completion positions only; τ divides in place, so there is no
-    second full-vocabulary tensor in the forward, and none from slicing in the backward. On CPU
-    the linears multiply with oneDNN (`gemm.onednn_linears`), with or without a gradient.
+    output layer runs on the L completion positions only, so there is no full-vocabulary tensor
+    from slicing in the backward. τ divides in place without a gradient; with one, out of place:
+    the logits are a view of the output layer's product, and dividing a view in place makes
+    autograd copy the whole (B, L, V) gradient in the backward pass, at the step's memory peak
+    (−150 MB of peak RSS out of place; nothing saves the undivided logits, so they are freed at
+    once). On CPU the linears multiply with oneDNN (`gemm.onednn_linears`), with or without a
+    gradient.
     """
     forward = packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
     with onednn_linears(model):
         logits = forward(model, rollout).float()
-    return logits if temperature == 1.0 else logits.div_(temperature)
+    if temperature == 1.0:
+        return logits
+    return logits / temperature if torch.is_grad_enabled() else logits.div_(temperature)
 
 
 def padded_logits(model, rollout: Rollout) -> torch.Tensor:
