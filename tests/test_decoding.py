@@ -30,6 +30,34 @@ def test_rms_norm_is_the_models(policy):
     assert torch.allclose(decoding.rms_norm(x, norm), norm(x), atol=1e-6)
 
 
+def tiny_model(kind: str, **options):
+    """A 2-layer model of another architecture the decoder writes out (Qwen2 has q/k/v biases)."""
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = getattr(transformers, f"{kind}Config")(**sizes, **options)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    for module in model.modules():  # nonzero biases, so that a missing one shows
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    return model
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("kind", "options", "written_out"),
+    [("Mistral", {"sliding_window": None}, True), ("Qwen2", {}, True),
+     ("Mistral", {"sliding_window": 4096}, False)],  # a windowed cache keeps the model's own decode
+)  # fmt: skip
+def test_other_llama_architectures(kind, options, written_out):
+    model = tiny_model(kind, **options)
+    assert decoding.decodes_exactly(model) is written_out
+    if kind == "Qwen2":
+        assert model.base_model.layers[0].self_attn.q_proj.bias is not None
+
+
 @needs_onednn
 @pytest.mark.parametrize("rows_hint", [3, None])  # packed weights (as in sampling); the modules' own
 def test_llama_decoder_gives_the_models_own_logits(policy, rows_hint):
