@@ -77,8 +77,10 @@ def test_lean_backward_saves_less_for_the_backward_pass(tiny_policy):
         return sum(storages.values())
 
     mlp_activation = 4 * 16 * model.config.intermediate_size * 4  # one (B, T, ffn) fp32 tensor
-    per_layer = (saved_bytes(False) - saved_bytes(True)) / model.config.num_hidden_layers
-    assert per_layer == 2 * mlp_activation  # act(gate) and act(gate) ⊙ up are no longer kept
+    normalised = 4 * 16 * model.config.hidden_size * 4  # one (B, T, d) fp32 tensor
+    layers = model.config.num_hidden_layers
+    # per layer: act(gate) and act(gate) ⊙ up, and each of the two norms' x / rms; the final norm's too
+    assert saved_bytes(False) - saved_bytes(True) == layers * (2 * mlp_activation + 2 * normalised) + normalised
 
 
 def test_logsumexp_in_pieces_is_torchs(monkeypatch):
@@ -87,3 +89,43 @@ def test_logsumexp_in_pieces_is_torchs(monkeypatch):
     got = activations.logsumexp(logits)
     assert got.shape == (3, 5, 1)
     assert torch.allclose(got, torch.logsumexp(logits, dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_rms_norm_by_hand_and_against_autograd():
+    weight = torch.tensor([2.0, -1.0], requires_grad=True)
+    x = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    y = activations.rms_norm(x, weight, 0.5)  # mean(x²) + ε = 13, so y = w ⊙ x / √13
+    assert torch.allclose(y, torch.tensor([[6.0, -4.0]]) / 13**0.5)
+    grad = torch.tensor([[1.0, 3.0]])
+    y.backward(grad)
+    # dL/dw = g ⊙ x / √13; dL/dx = (u − x (u·x) / (2 · 13)) / √13 with u = g ⊙ w = (2, −3)
+    assert torch.allclose(weight.grad, torch.tensor([3.0, 12.0]) / 13**0.5)
+    u, xs = torch.tensor([2.0, -3.0]), torch.tensor([3.0, 4.0])
+    assert torch.allclose(x.grad[0], (u - xs * (u @ xs) / 26) / 13**0.5)
+
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    weight = torch.randn(8, requires_grad=True)
+    grad = torch.randn(3, 4, 8)
+    ours = torch.autograd.grad(activations.rms_norm(x, weight, 1e-6), (x, weight), grad)
+    plain = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    for got, expected in zip(ours, torch.autograd.grad(plain, (x, weight), grad), strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_norm_with_other_arithmetic_keeps_its_forward(tiny_policy):
+    class OffsetNorm(torch.nn.Module):  # Gemma's: (1 + w) ⊙ x / rms
+        def __init__(self, size: int):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(size)), 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    model = load_causal_lm(str(tiny_policy)).eval()
+    model.model.norm = OffsetNorm(model.config.hidden_size)
+    with activations.lean_backward(model):
+        assert "forward" not in vars(model.model.norm)
+        assert "forward" in vars(model.model.layers[0].input_layernorm)  # Llama's own norm is replaced
+        x = torch.randn(2, model.config.hidden_size)
+        assert torch.allclose(model.model.norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert "forward" not in vars(model.model.layers[0].input_layernorm)
