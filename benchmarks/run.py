@@ -123,6 +123,8 @@ def measure_ours(steps: int) -> dict:
         "flops_per_step": flops,
         "flops_per_phase": median["flops"],
         "n_params": n_params,
+        "step_seconds": [row["seconds"] for row in rows],  # every measured step, in order
+        "step_flops": [sum(row["flops"].values()) for row in rows],
         "peak_rss_bytes": _peak_rss_bytes(),
         # policy + grads + Adam (2 moments) + anchor + init, and the reward model
         "lower_bound_bytes": 6 * policy_bytes + reward_bytes,
@@ -163,7 +165,8 @@ def measure_trl(steps: int) -> dict:
         trainer.train()
     durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1:]  # first: warm-up
     seconds = sorted(durations)[len(durations) // 2]
-    return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations)}
+    return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations),
+            "step_seconds": durations}  # fmt: skip
 
 
 def measure_peak(steps: int = 0) -> dict:
@@ -266,6 +269,7 @@ def main() -> None:
         "rss_vs_bound": ours["peak_rss_bytes"] / ours["lower_bound_bytes"],
     }
     peak, ours = results["peak"]["fp32_matmul_flops"], results["ours"]
+    ours["mfu_per_step"] = [f / s / peak for f, s in zip(ours["step_flops"], ours["step_seconds"], strict=True)]
     ours["utilisation_per_phase"] = {
         phase: flops / ours["phases"][f"seconds_{phase}"] / peak for phase, flops in ours["flops_per_phase"].items()
     }
@@ -295,10 +299,16 @@ def results_markdown(results: dict) -> str:
         f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
         for name in d["peak"]["measured"][0]["by_library"]
     )
+    steps = {
+        name: f"{d[name]['seconds_per_step']:.2f} s, {d[name]['samples_per_second']:.2f} samples/s"
+        f" (each step: {_spread(d[name]['step_seconds'])} s)"
+        for name in ("ours", "trl")
+    }
     return f"""# Benchmark results
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
-Step times are the median of 5 steps after a warm-up step, for both trainers; the split is that step's.
+Step times are the median of 5 steps after a warm-up step, for both trainers (each step is listed:
+this shared VM moves them); the split is the median step's.
 SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} torch threads.
 
 | metric | value | target |
@@ -310,8 +320,9 @@ SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {res
 
 | measurement | value |
 |---|---|
-| our step | {d["ours"]["seconds_per_step"]:.2f} s, {d["ours"]["samples_per_second"]:.2f} samples/s |
-| TRL RLOOTrainer step | {d["trl"]["seconds_per_step"]:.2f} s, {d["trl"]["samples_per_second"]:.2f} samples/s |
+| our step | {steps["ours"]} |
+| TRL RLOOTrainer step | {steps["trl"]} |
+| mfu of each measured step (how much the host moves it) | {_spread(d["ours"]["mfu_per_step"])} |
 | fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
 | model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
 | SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
@@ -324,6 +335,10 @@ Split of our step: seconds, and model FLOPs/s of the phase ÷ the peak (optimize
 {split}
 
 {(HERE / "NOTES.md").read_text()}"""
+
+
+def _spread(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":
