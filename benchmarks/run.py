@@ -7,7 +7,9 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 - TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
   synced as an EMA every step: samples/s, and the ratio;
 - model-FLOPs utilisation of our step against the fp32 matmul peak measured in this run (the
-  best of three measurements: before, between and after the trainers);
+  best of three measurements: before, between and after the trainers): the model FLOPs of all
+  measured steps over their seconds; and the same had each phase taken only its matrix
+  products, timed alone at the step's shapes (what the products allow);
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
 - peak resident memory of a training process against the lower bound (policy + grads + Adam
   states + anchor + init + reward model bytes).
@@ -114,6 +116,7 @@ def measure_ours(steps: int) -> dict:
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
     flops = sum(median["flops"].values())
+    products = product_seconds(policy, median["tokens"], median["completion_tokens"])
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     return {
@@ -125,10 +128,67 @@ def measure_ours(steps: int) -> dict:
         "n_params": n_params,
         "step_seconds": [row["seconds"] for row in rows],  # every measured step, in order
         "step_flops": [sum(row["flops"].values()) for row in rows],
+        "product_seconds": products,  # the median step's matrix products alone, per phase
         "peak_rss_bytes": _peak_rss_bytes(),
         # policy + grads + Adam (2 moments) + anchor + init, and the reward model
         "lower_bound_bytes": 6 * policy_bytes + reward_bytes,
     }
+
+
+def product_seconds(model, tokens: int, completion_tokens: int, repeats: int = 3) -> dict:
+    """Seconds that a step's matrix products take alone, per phase: the fastest of `repeats`.
+
+    The products of every linear layer at the step's shapes (random inputs), through the same
+    libraries and weight layouts as the step: generation packs the weights for BATCH rows and
+    runs the prompts' real tokens through them (the output layer at the BATCH last positions),
+    then NEW_TOKENS − 1 decode steps of BATCH rows; the anchor's and the policy's forwards
+    multiply at every real token (the output layer at BATCH · NEW_TOKENS positions), and the
+    policy's backward adds ∂y W and ∂yᵀ x (`gemm.OneDnnLinear`). Attention's products are left
+    out, as in `phase_flops`. What a phase takes beyond this is everything but the products.
+    """
+    import torch
+
+    from warp_rlhf import gemm
+
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def random(rows: int, width: int) -> torch.Tensor:
+        if (rows, width) not in inputs:
+            inputs[rows, width] = torch.randn(rows, width)
+        return inputs[rows, width]
+
+    def rows(layer, body: int, at_head: int) -> int:
+        return at_head if layer is head else body
+
+    def generate():
+        with torch.no_grad(), gemm.onednn_linears(model, rows=BATCH):
+            for body in [tokens - completion_tokens] + [BATCH] * (NEW_TOKENS - 1):
+                for layer in linears:
+                    layer(random(rows(layer, body, BATCH), layer.in_features))
+
+    def forward():
+        for layer in linears:
+            gemm.product(random(rows(layer, tokens, BATCH * NEW_TOKENS), layer.in_features), layer.weight)
+
+    def backward():
+        for layer in linears:
+            n = rows(layer, tokens, BATCH * NEW_TOKENS)
+            grad = random(n, layer.out_features)
+            gemm.input_gradient(grad, layer.weight)
+            grad.T @ random(n, layer.in_features)
+
+    def fastest(function) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    seconds_forward = fastest(forward)
+    return {"generate": fastest(generate), "anchor": seconds_forward, "policy": seconds_forward + fastest(backward)}
 
 
 def measure_trl(steps: int) -> dict:
@@ -264,7 +324,7 @@ def main() -> None:
     ours, trl = results["ours"], results["trl"]
     summary = {
         "ratio_vs_trl": ours["samples_per_second"] / trl["samples_per_second"],
-        "mfu": ours["flops_per_step"] / ours["seconds_per_step"] / results["peak"]["fp32_matmul_flops"],
+        "mfu": sum(ours["step_flops"]) / sum(ours["step_seconds"]) / results["peak"]["fp32_matmul_flops"],
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
         "rss_vs_bound": ours["peak_rss_bytes"] / ours["lower_bound_bytes"],
     }
@@ -273,10 +333,20 @@ def main() -> None:
     ours["utilisation_per_phase"] = {
         phase: flops / ours["phases"][f"seconds_{phase}"] / peak for phase, flops in ours["flops_per_phase"].items()
     }
+    ours["mfu_products_only"] = products_only_mfu(ours, peak)
     results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads()}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "RESULTS.md").write_text(results_markdown(results))
     print(json.dumps(summary, indent=2))
+
+
+def products_only_mfu(ours: dict, peak: float) -> float:
+    """The median step's mfu had its generate, anchor and policy phases taken only their matrix
+    products (`product_seconds`), the other phases as measured: what the products allow."""
+    seconds = ours["phases"]["seconds"] + sum(
+        products - ours["phases"][f"seconds_{phase}"] for phase, products in ours["product_seconds"].items()
+    )
+    return ours["flops_per_step"] / seconds / peak
 
 
 def _threads() -> int:
@@ -289,11 +359,11 @@ def results_markdown(results: dict) -> str:
     d = results["details"]
     gib = 2**30
     phases = d["ours"]["phases"]
-    use = d["ours"]["utilisation_per_phase"]
+    use, products = d["ours"]["utilisation_per_phase"], d["ours"]["product_seconds"]
     split = "\n".join(
-        f"| {k.removeprefix('seconds_')} | {v:.2f} | {use.get(k.removeprefix('seconds_'), 0):.2f} |"
+        f"| {phase} | {v:.2f} | {use.get(phase, 0):.2f} | {_products(products.get(phase))} |"
         for k, v in phases.items()
-        if k != "seconds"
+        if (phase := k.removeprefix("seconds_")) != "seconds"
     )
     libraries = " / ".join(
         f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
@@ -308,13 +378,14 @@ def results_markdown(results: dict) -> str:
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
 Step times are the median of 5 steps after a warm-up step, for both trainers (each step is listed:
-this shared VM moves them); the split is the median step's.
+this shared VM moves them); mfu is the model FLOPs of those 5 steps over their seconds; the split
+is the median step's.
 SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} torch threads.
 
 | metric | value | target |
 |---|---|---|
 | ratio_vs_trl (our samples/s ÷ TRL RLOOTrainer samples/s) | {results["ratio_vs_trl"]:.2f} | ≥ 1.5 |
-| mfu (model FLOPs/s ÷ fp32 matmul peak) | {results["mfu"]:.2f} | ≥ 0.6 |
+| mfu (model FLOPs/s ÷ fp32 matmul peak, over the measured steps) | {results["mfu"]:.2f} | ≥ 0.6 |
 | merge_vs_add (SLERP of 2 policies ÷ one torch.add pass) | {results["merge_vs_add"]:.2f} | ≤ 2 |
 | rss_vs_bound (peak RSS ÷ weights, grads, Adam, anchor, init, reward model) | {results["rss_vs_bound"]:.2f} | ≤ 1.3 |
 
@@ -323,18 +394,24 @@ SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {res
 | our step | {steps["ours"]} |
 | TRL RLOOTrainer step | {steps["trl"]} |
 | mfu of each measured step (how much the host moves it) | {_spread(d["ours"]["mfu_per_step"])} |
+| mfu of the median step, its phases taking only their matrix products | {d["ours"]["mfu_products_only"]:.2f} |
 | fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
 | model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
 | SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
 | peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / gib:.2f} / {d["ours"]["lower_bound_bytes"] / gib:.2f} GiB |
 
-Split of our step: seconds, and model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs):
+Split of our step: seconds, model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs),
+and the seconds of the phase's matrix products alone at the same shapes (`product_seconds`):
 
-| phase | seconds | FLOPs/s ÷ peak |
-|---|---|---|
+| phase | seconds | FLOPs/s ÷ peak | matrix products alone |
+|---|---|---|---|
 {split}
 
 {(HERE / "NOTES.md").read_text()}"""
+
+
+def _products(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.2f}"
 
 
 def _spread(values: list[float]) -> str:

@@ -30,3 +30,25 @@ def test_forward_flops_leaves_out_the_embedding_lookup(tiny_backbone):
     total = sum(p.numel() for p in model.parameters())
     assert 0 < lookup < total
     assert bench._forward_flops(model, tokens=7) == 2.0 * (total - lookup) * 7
+
+
+def test_products_only_mfu_by_hand():
+    # a 10 s step: generate 3, reward 1, anchor 2, policy 4; their products alone 2, 1.5, 3 s
+    ours = {
+        "phases": {"seconds": 10.0, "seconds_generate": 3.0, "seconds_reward": 1.0, "seconds_anchor": 2.0,
+                   "seconds_policy": 4.0},
+        "product_seconds": {"generate": 2.0, "anchor": 1.5, "policy": 3.0},
+        "flops_per_step": 700.0,
+    }  # fmt: skip
+    # 10 − (3 − 2) − (2 − 1.5) − (4 − 3) = 7.5 s; 700 / 7.5 / 20
+    assert bench.products_only_mfu(ours, peak=20.0) == 700.0 / 7.5 / 20.0
+
+
+def test_product_seconds_times_each_phase(tiny_policy):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    seconds = bench.product_seconds(model, tokens=40, completion_tokens=24, repeats=1)
+    assert set(seconds) == {"generate", "anchor", "policy"}
+    assert all(value > 0 for value in seconds.values())
+    assert seconds["policy"] > seconds["anchor"]  # the forward's products and the backward's
