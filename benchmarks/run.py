@@ -179,16 +179,22 @@ def product_seconds(model, tokens: int, completion_tokens: int, repeats: int = 3
             gemm.input_gradient(grad, layer.weight)
             grad.T @ random(n, layer.in_features)
 
-    def fastest(function) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - started)
-        return min(times)
+    seconds_forward = _fastest(forward, repeats)
+    return {
+        "generate": _fastest(generate, repeats),
+        "anchor": seconds_forward,
+        "policy": seconds_forward + _fastest(backward, repeats),
+    }
 
-    seconds_forward = fastest(forward)
-    return {"generate": fastest(generate), "anchor": seconds_forward, "policy": seconds_forward + fastest(backward)}
+
+def _fastest(function, repeats: int) -> float:
+    """The shortest of `repeats` timed calls, in seconds."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def measure_trl(steps: int) -> dict:
@@ -270,14 +276,6 @@ def measure_merge(steps: int = 0) -> dict:
     generator = torch.Generator().manual_seed(0)
     runs = [{k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in init.items()} for _ in range(2)]
 
-    def best_of(function, repeats=3) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
     def merge():
         return slerp_merge(init, lambda m, name: runs[m][name], 2, 0.5)
 
@@ -287,8 +285,8 @@ def measure_merge(steps: int = 0) -> dict:
     merge(), add()  # warm-up: both allocate their results the same way from here on
     merge_seconds, add_seconds = [], []
     for _ in range(5):  # interleaved, so a slow moment of the machine hits both
-        merge_seconds.append(best_of(merge, repeats=1))
-        add_seconds.append(best_of(add, repeats=1))
+        merge_seconds.append(_fastest(merge, 1))
+        add_seconds.append(_fastest(add, 1))
     return {"merge_seconds": min(merge_seconds), "add_seconds": min(add_seconds)}
 
 
