@@ -1,4 +1,5 @@
-"""backend: ray against backend: local on a real local Ray instance (no mocks)."""
+"""The M runs side by side (backend: processes, backend: ray on a real local Ray instance, no
+mocks) against backend: local, one run after the other: the same weights, bit for bit."""
 
 import shutil
 
@@ -7,35 +8,67 @@ import torch
 from safetensors.torch import load_file
 
 from warp_rlhf.cli import main
-
-ray = pytest.importorskip("ray", reason="Ray is installed by `make test` (the [ray] extra)")
+from warp_rlhf.config import WarpConfig
+from warp_rlhf.distributed import WorkerJob, run_in_processes, side_by_side
+from warp_rlhf.errors import ModelError
+from warp_rlhf.warp import RunSpec
 
 FLAGS = ["--iterations", "2", "--runs", "2", "--steps", "3", "--batch_size", "4", "--checkpoint_every", "2",
          "--reward_epochs", "0.5", "--learning_rate", "1e-3", "--device", "cpu"]  # fmt: skip
+COMPARED = ("iter_1/run_1/policy.safetensors", "iter_1/run_2/policy.safetensors", "final/model.safetensors")
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is installed by `make test` (the [ray] extra)")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
 
-def test_ray_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_path, local_ray):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray task with ray_num_cpus = 1
+def _train_local_then(tiny_args, tmp_path, threads: int, name: str, backend_flags: list[str]) -> None:
+    """backend: local on `threads` threads into tmp_path/local, then the other backend into
+    tmp_path/`name` on the same reward model and data, and compare their weights."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as each side-by-side run
     try:
         local = [*tiny_args, "--output_dir", str(tmp_path / "local")]  # the last flag wins
         assert main(["train", *local, *FLAGS]) == 0
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     for shared in ("reward_model", "data"):  # compare WARP, not two reward-model trainings
-        shutil.copytree(tmp_path / "local" / shared, tmp_path / "ray" / shared)
-    remote = [*tiny_args, "--output_dir", str(tmp_path / "ray")]
-    assert main(["train", *remote, *FLAGS, "--backend", "ray", "--ray_num_cpus", "1"]) == 0
-    for name in ("iter_1/run_1/policy.safetensors", "iter_1/run_2/policy.safetensors", "final/model.safetensors"):
-        a, b = load_file(tmp_path / "local" / name), load_file(tmp_path / "ray" / name)
+        shutil.copytree(tmp_path / "local" / shared, tmp_path / name / shared)
+    other = [*tiny_args, "--output_dir", str(tmp_path / name)]
+    assert main(["train", *other, *FLAGS, *backend_flags]) == 0
+    for file in COMPARED:
+        a, b = load_file(tmp_path / "local" / file), load_file(tmp_path / name / file)
         assert a.keys() == b.keys()
         for key in a:
-            assert torch.equal(a[key], b[key]), (name, key)
-    assert (tmp_path / "ray" / "iter_2" / "init.safetensors").exists()
+            assert torch.equal(a[key], b[key]), (file, key)
+    assert (tmp_path / name / "iter_2" / "init.safetensors").exists()
+
+
+def test_side_by_side_gives_each_run_an_equal_share_of_the_cores():
+    assert side_by_side(2, cores=2) == (2, 1)
+    assert side_by_side(4, cores=2) == (2, 1)  # two at a time, one core each
+    assert side_by_side(2, cores=16) == (2, 8)
+    assert side_by_side(3, cores=16) == (3, 5)
+    assert side_by_side(1, cores=2) == (1, 2)
+
+
+def test_processes_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_path):
+    _, threads = side_by_side(2)
+    _train_local_then(tiny_args, tmp_path, threads, "processes", ["--backend", "processes"])
+
+
+def test_a_run_that_fails_in_its_process_raises_its_own_error(tmp_path):
+    config = WarpConfig(device="cpu", runs=1, steps=1)
+    job = WorkerJob(str(tmp_path / "no-policy"), str(tmp_path / "no-reward"), ["a prompt"])
+    spec = RunSpec(1, 1, tmp_path / "iter_1" / "run_1", config.ema_rate)
+    with pytest.raises(ModelError, match="no-policy"):
+        run_in_processes(config, job, [spec], tmp_path / "init.safetensors")
+    assert not (spec.folder / "done.json").exists()
+
+
+def test_ray_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_path, local_ray):
+    _train_local_then(tiny_args, tmp_path, 1, "ray", ["--backend", "ray", "--ray_num_cpus", "1"])

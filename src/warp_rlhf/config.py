@@ -125,10 +125,11 @@ class WarpConfig:
         "one of fp32, bf16",
     )
     backend: str = _opt(
-        "local (runs one after another) or ray (the M runs of an iteration as Ray tasks; RAY_ADDRESS honoured).",
+        "local (runs one after another), processes (the M runs of an iteration side by side in local processes, "
+        "the CPU cores split between them) or ray (the M runs as Ray tasks; RAY_ADDRESS honoured).",
         "local",
-        lambda v: v in {"local", "ray"},
-        "one of local, ray",
+        lambda v: v in {"local", "processes", "ray"},
+        "one of local, processes, ray",
     )
     ray_num_cpus: float = _opt("CPUs per Ray task (one run).", 1.0, *_positive)
     ray_num_gpus: float = _opt("GPUs per Ray task (one run).", 0.0, lambda v: v >= 0, "a number >= 0")

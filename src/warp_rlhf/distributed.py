@@ -1,6 +1,12 @@
-"""`backend: ray` — the M runs of an iteration as Ray tasks (paper: they are independent until merged).
+"""The M runs of an iteration side by side (paper: they are independent until merged).
 
-Each task rebuilds the policy, tokenizer and reward model from their folders, reads θ_init from
+`backend: processes` runs them as local processes, the CPU cores split evenly between them
+(`side_by_side`); `backend: ray` as Ray tasks, on this machine or a cluster. On 2 cores, two
+runs side by side with one thread each made 18–24% more samples/s than one run after the other
+on both threads (benchmarks/NOTES.md): a run's many small operations, sampling and Python work
+leave a core idle that the other run then uses.
+
+Each process or task rebuilds the policy, tokenizer and reward model from their folders, reads θ_init from
 `iter_<i>/init.safetensors`, and runs `Trainer.run` into its own run folder. Results come back
 through the output folder, not through Ray's object store: a run is finished when its
 `done.json` exists (written after `policy.safetensors`), so the driver's merge never reads a
@@ -12,7 +18,10 @@ finished runs. The output folder must be on storage every Ray node sees.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +50,9 @@ def _ray():
     return ray
 
 
-def _run_one(config: WarpConfig, job: WorkerJob, spec, init_path: str) -> str:
-    """One REINFORCE run inside a Ray worker; returns its folder once done.json exists."""
+def _run_one(config: WarpConfig, job: WorkerJob, spec, init_path: str, threads: int, bar: int | None = None) -> str:
+    """One REINFORCE run in a worker process on `threads` torch threads (its progress bar on line
+    `bar`); returns its folder once done.json exists."""
     import torch
 
     from warp_rlhf.models import load_causal_lm, load_tokenizer
@@ -50,13 +60,13 @@ def _run_one(config: WarpConfig, job: WorkerJob, spec, init_path: str) -> str:
     from warp_rlhf.reward import RewardModel
     from warp_rlhf.warp import DONE, Trainer
 
-    torch.set_num_threads(max(1, int(config.ray_num_cpus)))
+    torch.set_num_threads(threads)
     device = config.torch_device
     policy = load_causal_lm(job.policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(job.policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     reward = reward_function(RewardModel.from_pretrained(job.reward_path, device=device))
     trainer = Trainer(config, policy, tokenizer, reward, job.prompts)
-    trainer.run(spec, Path(init_path), config.steps)
+    trainer.run(spec, Path(init_path), config.steps, bar=bar)
     if not (spec.folder / DONE).exists():
         raise RuntimeError(f"{spec.name} ended without {DONE}")
     return str(spec.folder)
@@ -71,9 +81,40 @@ def run_on_ray(config: WarpConfig, job: WorkerJob, specs: list, init_path: Path)
         max_retries=config.ray_max_retries,
         retry_exceptions=True,
     )(_run_one)
-    pending = [task.remote(config, job, spec, str(init_path)) for spec in specs]
+    threads = max(1, int(config.ray_num_cpus))
+    pending = [task.remote(config, job, spec, str(init_path), threads) for spec in specs]
     try:
         ray.get(pending)
     except ray.exceptions.RayError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise WarpError(f"a Ray run failed after {config.ray_max_retries} retries: {reason}") from None
+
+
+def side_by_side(runs: int, cores: int | None = None) -> tuple[int, int]:
+    """(processes, torch threads each) for `runs` runs on `cores` cores (this process's, by
+    default): as many processes as runs, at most one per core, the cores split evenly."""
+    cores = cores or len(os.sched_getaffinity(0))
+    processes = max(1, min(runs, cores))
+    return processes, max(1, cores // processes)
+
+
+def run_in_processes(config: WarpConfig, job: WorkerJob, specs: list, init_path: Path) -> None:
+    """Run the unfinished `specs` side by side in local processes (`side_by_side`) and wait for all.
+
+    A run that fails raises its own error here once the others have stopped or finished.
+    """
+    processes, threads = side_by_side(len(specs))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        pending = [
+            pool.submit(_run_one, config, job, spec, str(init_path), threads, index) for index, spec in enumerate(specs)
+        ]
+        done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+        failed = [future for future in done if future.exception() is not None]
+        if failed:
+            for future in pending:
+                future.cancel()
+            error = failed[0].exception()
+            if isinstance(error, BrokenProcessPool):
+                raise WarpError("a run's process died before it finished (out of memory?)") from None
+            raise error

@@ -44,7 +44,7 @@ from warp_rlhf.checkpoint import (
     write_json,
 )
 from warp_rlhf.config import WarpConfig, dump_config
-from warp_rlhf.distributed import WorkerJob, run_on_ray
+from warp_rlhf.distributed import WorkerJob, run_in_processes, run_on_ray
 from warp_rlhf.errors import WarpError
 from warp_rlhf.merge import State, copy_into, ema_update_, liti, model_state, slerp_merge
 from warp_rlhf.runtime import keep_freed_memory
@@ -253,12 +253,20 @@ class Trainer:
         }
 
     # ---- one run, resumable ------------------------------------------------------------
-    def run(self, spec: RunSpec, init: Path | None, steps: int, snapshots: frozenset[int] = frozenset()) -> None:
+    def run(
+        self,
+        spec: RunSpec,
+        init: Path | None,
+        steps: int,
+        snapshots: frozenset[int] = frozenset(),
+        bar: int | None = None,
+    ) -> None:
         """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json.
 
         θ_init is read from the safetensors file `init` when the run starts (None: the policy as
         it is now), so no copy of it stays in memory while the run trains. After each step k in
-        `snapshots`, the policy is also saved as step_<k>.safetensors.
+        `snapshots`, the policy is also saved as step_<k>.safetensors. `bar`: the terminal line of
+        its progress bar, for runs side by side.
         """
         folder = spec.folder
         remove_temporaries(folder)
@@ -269,14 +277,14 @@ class Trainer:
         start = self._restore(folder / CHECKPOINT, init, optimizer, scheduler)
         log_path = folder / METRICS
         _truncate_lines(log_path, start)
-        bar = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
-        with bar, open(log_path, "a") as log:
+        progress = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True, position=bar)
+        with progress, open(log_path, "a") as log:
             for step in range(start, steps):
                 metrics = self.step(spec, step, optimizer, scheduler)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
-                bar.update()
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
+                progress.update()
                 if step + 1 in snapshots:
                     save_tensors(folder / f"step_{step + 1}.safetensors", self.policy_state)
                 if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
@@ -358,10 +366,13 @@ def train_warp(
 ) -> tuple[State, list[dict]]:
     """Algorithm 1. Returns θ_slerp^I (on CPU) and one summary per iteration.
 
-    With `backend: ray` the runs of an iteration are Ray tasks rebuilt from `job`.
+    With `backend: processes` or `ray` the runs of an iteration are processes or Ray tasks rebuilt
+    from `job` (`distributed`).
     """
-    if config.backend == "ray" and job is None:
-        raise WarpError("backend: ray needs the policy and reward-model folders: use warp_rlhf.pipeline.train_stage")
+    if config.backend != "local" and job is None:
+        raise WarpError(
+            f"backend: {config.backend} needs the policy and reward-model folders: use warp_rlhf.pipeline.train_stage"
+        )
     trainer = Trainer(config, policy, tokenizer, reward, prompts) if config.backend == "local" else None
     first_init = out / "iter_1" / INIT
     if not first_init.exists():
@@ -375,7 +386,8 @@ def train_warp(
         if not merged_path.exists():
             pending = [spec for spec in specs if not (spec.folder / DONE).exists()]
             if trainer is None:
-                run_on_ray(config, job, pending, init_path)
+                run_side_by_side = run_on_ray if config.backend == "ray" else run_in_processes
+                run_side_by_side(config, job, pending, init_path)
             else:
                 for spec in pending:
                     trainer.run(spec, init_path, config.steps)
