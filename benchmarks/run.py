@@ -3,20 +3,25 @@
     .venv/bin/python benchmarks/run.py            (or: make bench)
 
 On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens:
-- our RL step: samples/s and the split of a step (generate, reward, anchor, policy, optimizer, ema);
+- our RL step, as WARP takes it with `backend: processes` (what `make demo` uses): the M = 2
+  runs of an iteration side by side, each in its own process on its share of the cores
+  (`distributed.side_by_side`: one core each on 2 cores): samples/s of both together and the
+  split of each run's step (generate, reward, anchor, policy, optimizer, ema);
 - TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
-  synced as an EMA every step: samples/s, and the ratio;
-- model-FLOPs utilisation of our step against the fp32 matmul peak measured in this run (the
-  best of three measurements: before, between and after the trainers): the model FLOPs of all
-  measured steps over their seconds; and the same had each phase taken only its matrix
-  products, timed alone at the step's shapes (what the products allow);
+  synced as an EMA every step, two runs side by side the same way: samples/s, and the ratio;
+- model-FLOPs utilisation of both runs' steps together against the fp32 matmul peak measured in
+  this run (the best of three measurements: before, between and after the trainers): the model
+  FLOPs of all measured steps over their seconds;
+- for reference, one run alone on all the cores (`backend: local`): its step, its mfu, and that
+  mfu had each phase taken only its matrix products, timed alone at the step's shapes;
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
-- peak resident memory of a training process against the lower bound (policy + grads + Adam
-  states + anchor + init + reward model bytes).
-Each measurement runs in its own process (one at a time, so they never share the 2 cores),
-and writes benchmarks/results.json and benchmarks/RESULTS.md. Step times are the median of the
-measured steps (after a warm-up step), for us and for TRL alike: on a shared VM a median is not
-moved by one step that a neighbour slowed down.
+- peak resident memory of the training processes against their lower bound (policy + grads +
+  Adam states + anchor + init + reward model bytes, per process).
+Each measurement runs in its own processes (one measurement at a time), and writes
+benchmarks/results.json and benchmarks/RESULTS.md. Step times are the median of the measured
+steps (after a warm-up step), for us and for TRL alike: on a shared VM a median is not moved by
+one step that a neighbour slowed down. Runs side by side take one step more after the measured
+ones, so that no measured step runs alone.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from warp_rlhf.distributed import side_by_side
+
 HERE = Path(__file__).resolve().parent
 BATCH, NEW_TOKENS, MAX_PROMPT_TOKENS, MU, BETA, LR = 16, 24, 16, 0.01, 0.1, 1e-5
+RUNS = 2
+"""M, the runs of a WARP iteration that step side by side."""
 
 
 def _embedded():
@@ -88,8 +97,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_ours(steps: int) -> dict:
-    """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS."""
+def measure_ours(steps: int, run: int | None = None) -> dict:
+    """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS.
+    `run` m: WARP's run m of the runs side by side (its own seeds); None: one run alone, whose
+    matrix products are then also timed alone (`product_seconds`)."""
     from warp_rlhf.warp import RunSpec, Trainer
 
     config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
@@ -105,18 +116,21 @@ def measure_ours(steps: int) -> dict:
 
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
     with tempfile.TemporaryDirectory() as folder:
-        trainer.run(RunSpec(1, 1, Path(folder), MU), None, steps + 1)  # the real code path, checkpoint files included
+        extra = 1 if run is None else 2  # the warm-up step; beside other runs, one more after the measured ones
+        trainer.run(
+            RunSpec(1, run or 1, Path(folder), MU), None, steps + extra
+        )  # the real code path, checkpoints included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     n_params = sum(p.numel() for p in policy.parameters())
     output_weights = policy.get_output_embeddings().weight.numel()
     for row, tokens in zip(rows, reward_tokens, strict=True):
         row["flops"] = phase_flops(n_params, output_weights, row["tokens"], row["completion_tokens"],
                                    _forward_flops(reward_model.model, tokens))  # fmt: skip
-    rows = rows[1:]  # the first step warms up
+    rows = rows[1 : steps + 1]  # the first step warms up
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
     flops = sum(median["flops"].values())
-    products = product_seconds(policy, median["tokens"], median["completion_tokens"])
+    products = product_seconds(policy, median["tokens"], median["completion_tokens"]) if run is None else None
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     return {
@@ -197,8 +211,9 @@ def _fastest(function, repeats: int) -> float:
     return min(times)
 
 
-def measure_trl(steps: int) -> dict:
-    """TRL's RLOOTrainer with the same model, batch, lengths, reward and an EMA reference."""
+def measure_trl(steps: int, run: int | None = None) -> dict:
+    """TRL's RLOOTrainer with the same model, batch, lengths, reward and an EMA reference (`run`:
+    as in `measure_ours`, its seed)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -219,23 +234,24 @@ def measure_trl(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = RLOOConfig(
             output_dir=out, per_device_train_batch_size=BATCH, num_generations=2, max_completion_length=NEW_TOKENS,
-            temperature=config.temperature, top_k=0, top_p=1.0, beta=BETA, learning_rate=LR, max_steps=steps + 1,
+            temperature=config.temperature, top_k=0, top_p=1.0, beta=BETA, learning_rate=LR,
+            max_steps=steps + (1 if run is None else 2),
             sync_ref_model=True, ref_model_mixup_alpha=MU, ref_model_sync_steps=1, use_cpu=True, bf16=False,
             activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
-            disable_tqdm=True, seed=0,
+            disable_tqdm=True, seed=run or 0,
         )  # fmt: skip
         trainer = RLOOTrainer(
             model=policy_path, reward_funcs=reward, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[clock],
         )  # fmt: skip
         trainer.train()
-    durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1:]  # first: warm-up
+    durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1 : steps + 1]  # first: warm-up
     seconds = sorted(durations)[len(durations) // 2]
     return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations),
             "step_seconds": durations}  # fmt: skip
 
 
-def measure_peak(steps: int = 0) -> dict:
+def measure_peak(steps: int = 0, run: None = None) -> dict:
     """fp32 matmul throughput (GFLOP/s): the best of several 2048 x 2048 products, from each of the
     two GEMM libraries torch has on CPU (MKL's `torch.mm`; oneDNN with a packed weight, which is
     about 15% faster here), so the peak is what the machine can do, not what one library does.
@@ -265,7 +281,7 @@ def rollout_can_prepack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def measure_merge(steps: int = 0) -> dict:
+def measure_merge(steps: int = 0, run: None = None) -> dict:
     """SLERP of M = 2 SmolLM2-sized policies against one torch.add over the same tensors."""
     import torch
 
@@ -293,46 +309,98 @@ def measure_merge(steps: int = 0) -> dict:
 MEASUREMENTS = {"ours": measure_ours, "trl": measure_trl, "peak": measure_peak, "merge": measure_merge}
 
 
-def _child(name: str, steps: int) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def _command(name: str, steps: int, run: int | None = None, threads: int | None = None) -> list[str]:
     command = [sys.executable, __file__, "--only", name, "--steps", str(steps)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr[-4000:])
+    return command + (["--run", str(run), "--threads", str(threads)] if run else [])
+
+
+def _environment(threads: int | None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+
+
+def _result(name: str, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        sys.stderr.write(stderr[-4000:])
         raise SystemExit(f"benchmark '{name}' failed")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _child(name: str, steps: int) -> dict:
+    """`name` measured in one process on all the cores."""
+    result = subprocess.run(_command(name, steps), env=_environment(None), capture_output=True, text=True)
+    return _result(name, result.returncode, result.stdout, result.stderr)
+
+
+def _side_by_side(name: str, steps: int) -> list[dict]:
+    """`name` measured in RUNS processes at once, each on its share of the cores, as
+    `backend: processes` runs WARP's M runs (`distributed.side_by_side`)."""
+    processes, threads = side_by_side(RUNS)
+    children = [
+        subprocess.Popen(_command(name, steps, run, threads), env=_environment(threads), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for run in range(1, processes + 1)
+    ]  # fmt: skip
+    outputs = [child.communicate() for child in children]
+    return [_result(name, child.returncode, *output) for child, output in zip(children, outputs, strict=True)]
+
+
+def machine_flops_per_second(runs: list[dict]) -> tuple[float, list[float]]:
+    """Model FLOPs/s of runs that stepped side by side, as one machine: over all measured steps
+    (each run's FLOPs over its seconds, added), and per measured step i (the runs' steps i)."""
+    overall = sum(sum(run["step_flops"]) / sum(run["step_seconds"]) for run in runs)
+    steps = zip(*[zip(run["step_flops"], run["step_seconds"], strict=True) for run in runs], strict=True)
+    return overall, [sum(flops / seconds for flops, seconds in step) for step in steps]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="measured steps after one warm-up step; the median counts")
     parser.add_argument("--only", choices=list(MEASUREMENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--run", type=int, help=argparse.SUPPRESS)  # set: run m of the runs side by side
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # … and its torch threads
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(MEASUREMENTS[args.only](args.steps)))
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(MEASUREMENTS[args.only](args.steps, args.run)))
         return
     results, peaks = {}, []
-    for name in ("peak", "ours", "peak", "trl", "peak", "merge"):
-        print(f"measuring {name} …", file=sys.stderr, flush=True)
-        result = _child(name, args.steps)
+    plan = [("peak", _child), ("ours", _side_by_side), ("ours", _child), ("peak", _child), ("trl", _side_by_side),
+            ("peak", _child), ("merge", _child)]  # fmt: skip
+    for name, measure in plan:
+        layout = "side by side" if measure is _side_by_side else "alone"
+        print(f"measuring {name} ({layout}) …", file=sys.stderr, flush=True)
+        result = measure(name, args.steps)
         if name == "peak":  # the best of three, spread over the run: a slow moment does not lower it
             peaks.append(result)
             result = {"fp32_matmul_flops": max(p["fp32_matmul_flops"] for p in peaks), "measured": peaks}
-        results[name] = result
-    ours, trl = results["ours"], results["trl"]
+            results[name] = result
+        elif measure is _side_by_side:  # samples/s add up
+            samples = sum(run["samples_per_second"] for run in result)
+            results[f"{name}_side_by_side"] = {"runs": result, "samples_per_second": samples}
+        else:
+            results[f"{name}_alone" if name == "ours" else name] = result
+    peak = results["peak"]["fp32_matmul_flops"]
+    ours, trl, alone = results["ours_side_by_side"], results["trl_side_by_side"], results["ours_alone"]
+    flops_per_second, per_step = machine_flops_per_second(ours["runs"])
+    runs = ours["runs"]
     summary = {
         "ratio_vs_trl": ours["samples_per_second"] / trl["samples_per_second"],
-        "mfu": sum(ours["step_flops"]) / sum(ours["step_seconds"]) / results["peak"]["fp32_matmul_flops"],
+        "mfu": flops_per_second / peak,
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
-        "rss_vs_bound": ours["peak_rss_bytes"] / ours["lower_bound_bytes"],
+        "rss_vs_bound": sum(r["peak_rss_bytes"] for r in runs) / sum(r["lower_bound_bytes"] for r in runs),
     }
-    peak, ours = results["peak"]["fp32_matmul_flops"], results["ours"]
-    ours["mfu_per_step"] = [f / s / peak for f, s in zip(ours["step_flops"], ours["step_seconds"], strict=True)]
-    ours["utilisation_per_phase"] = {
-        phase: flops / ours["phases"][f"seconds_{phase}"] / peak for phase, flops in ours["flops_per_phase"].items()
+    ours["mfu_per_step"] = [f / peak for f in per_step]
+    alone["mfu"] = sum(alone["step_flops"]) / sum(alone["step_seconds"]) / peak
+    alone["utilisation_per_phase"] = {
+        phase: flops / alone["phases"][f"seconds_{phase}"] / peak for phase, flops in alone["flops_per_phase"].items()
     }
-    ours["mfu_products_only"] = products_only_mfu(ours, peak)
-    results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads()}
+    alone["mfu_products_only"] = products_only_mfu(alone, peak)
+    results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads(),
+               "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "RESULTS.md").write_text(results_markdown(results))
     print(json.dumps(summary, indent=2))
@@ -356,64 +424,86 @@ def _threads() -> int:
 def results_markdown(results: dict) -> str:
     d = results["details"]
     gib = 2**30
-    phases = d["ours"]["phases"]
-    use, products = d["ours"]["utilisation_per_phase"], d["ours"]["product_seconds"]
+    ours, trl, alone = d["ours_side_by_side"], d["trl_side_by_side"], d["ours_alone"]
+    runs = len(ours["runs"])
+    use, products = alone["utilisation_per_phase"], alone["product_seconds"]
     split = "\n".join(
-        f"| {phase} | {v:.2f} | {use.get(phase, 0):.2f} | {_products(products.get(phase))} |"
-        for k, v in phases.items()
-        if (phase := k.removeprefix("seconds_")) != "seconds"
+        f"| {phase} | {_spread([run['phases'][key] for run in ours['runs']], ' | ')} | {alone['phases'][key]:.2f}"
+        f" | {use.get(phase, 0):.2f} | {_products(products.get(phase))} |"
+        for key in alone["phases"]
+        if (phase := key.removeprefix("seconds_")) != "seconds"
     )
+    run_columns = " | ".join(f"run {m}" for m in range(1, runs + 1))
     libraries = " / ".join(
         f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
         for name in d["peak"]["measured"][0]["by_library"]
     )
-    steps = {
-        name: f"{d[name]['seconds_per_step']:.2f} s, {d[name]['samples_per_second']:.2f} samples/s"
-        f" (each step: {_spread(d[name]['step_seconds'])} s)"
-        for name in ("ours", "trl")
-    }
+    alone_step = (
+        f"{alone['seconds_per_step']:.2f} s, {alone['samples_per_second']:.2f} samples/s"
+        f" (each step: {_spread(alone['step_seconds'])} s), mfu {alone['mfu']:.2f}"
+    )
+    memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
     return f"""# Benchmark results
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
-Step times are the median of 5 steps after a warm-up step, for both trainers (each step is listed:
-this shared VM moves them); mfu is the model FLOPs of those 5 steps over their seconds; the split
-is the median step's.
-SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} torch threads.
+SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} cores.
+Our step is WARP's as `backend: processes` takes it (what `make demo` uses): the M = {runs} runs of
+an iteration side by side, each in its own process on {_threads_text(results["side_by_side_threads"])}.
+TRL's RLOOTrainer runs the same way, {len(trl["runs"])} runs side by side. Step times are the median
+of 5 steps after a warm-up step (each step is listed: this shared VM moves them); mfu is the
+model FLOPs of the measured steps of all runs over their seconds. For reference, one run alone
+on all the cores (`backend: local`).
 
 | metric | value | target |
 |---|---|---|
-| ratio_vs_trl (our samples/s ÷ TRL RLOOTrainer samples/s) | {results["ratio_vs_trl"]:.2f} | ≥ 1.5 |
-| mfu (model FLOPs/s ÷ fp32 matmul peak, over the measured steps) | {results["mfu"]:.2f} | ≥ 0.6 |
+| ratio_vs_trl (our samples/s ÷ TRL RLOOTrainer's, {runs} runs each) | {results["ratio_vs_trl"]:.2f} | ≥ 1.5 |
+| mfu (model FLOPs/s of the runs ÷ fp32 matmul peak) | {results["mfu"]:.2f} | ≥ 0.6 |
 | merge_vs_add (SLERP of 2 policies ÷ one torch.add pass) | {results["merge_vs_add"]:.2f} | ≤ 2 |
-| rss_vs_bound (peak RSS ÷ weights, grads, Adam, anchor, init, reward model) | {results["rss_vs_bound"]:.2f} | ≤ 1.3 |
+| rss_vs_bound (run processes' peak RSS ÷ their lower bound) | {results["rss_vs_bound"]:.2f} | ≤ 1.3 |
 
 | measurement | value |
 |---|---|
-| our step | {steps["ours"]} |
-| TRL RLOOTrainer step | {steps["trl"]} |
-| mfu of each measured step (how much the host moves it) | {_spread(d["ours"]["mfu_per_step"])} |
-| mfu of the median step, its phases taking only their matrix products | {d["ours"]["mfu_products_only"]:.2f} |
+{_trainer_rows("our", ours)}
+| our runs together | {ours["samples_per_second"]:.2f} samples/s |
+{_trainer_rows("TRL RLOOTrainer", trl)}
+| TRL runs together | {trl["samples_per_second"]:.2f} samples/s |
+| mfu of each measured step, all runs (how much the host moves it) | {_spread(ours["mfu_per_step"])} |
+| one run alone on all the cores | {alone_step} |
+| mfu of the alone run's median step, its phases taking only their matrix products | {alone["mfu_products_only"]:.2f} |
 | fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
-| model FLOPs per step | {d["ours"]["flops_per_step"] / 1e9:.0f} GFLOP |
+| model FLOPs per step (the alone run's median step) | {alone["flops_per_step"] / 1e9:.0f} GFLOP |
 | SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
-| peak RSS / lower bound | {d["ours"]["peak_rss_bytes"] / gib:.2f} / {d["ours"]["lower_bound_bytes"] / gib:.2f} GiB |
+| peak RSS of each run process / lower bound: policy, grads, Adam, anchor, init, reward model | {memory} GiB |
 
-Split of our step: seconds, model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs),
-and the seconds of the phase's matrix products alone at the same shapes (`product_seconds`):
+Split of a step (the median step's seconds): each run side by side, and the run alone, with the
+alone run's model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs) and the
+seconds of the phase's matrix products alone at the same shapes (`product_seconds`):
 
-| phase | seconds | FLOPs/s ÷ peak | matrix products alone |
-|---|---|---|---|
+| phase | {run_columns} | alone | alone: FLOPs/s ÷ peak | alone: matrix products alone |
+|---|{"---|" * runs}---|---|---|
 {split}
 
 {(HERE / "NOTES.md").read_text()}"""
+
+
+def _threads_text(threads: int) -> str:
+    return f"{threads} torch thread" + ("s" if threads > 1 else "")
+
+
+def _trainer_rows(name: str, side_by_side: dict) -> str:
+    return "\n".join(
+        f"| {name} run {m}, side by side | {run['seconds_per_step']:.2f} s, {run['samples_per_second']:.2f} samples/s"
+        f" (each step: {_spread(run['step_seconds'])} s) |"
+        for m, run in enumerate(side_by_side["runs"], start=1)
+    )
 
 
 def _products(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds:.2f}"
 
 
-def _spread(values: list[float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in values)
+def _spread(values: list[float], separator: str = ", ") -> str:
+    return separator.join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":

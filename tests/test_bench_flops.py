@@ -52,3 +52,13 @@ def test_product_seconds_times_each_phase(tiny_policy):
     assert set(seconds) == {"generate", "anchor", "policy"}
     assert all(value > 0 for value in seconds.values())
     assert seconds["policy"] > seconds["anchor"]  # the forward's products and the backward's
+
+
+def test_machine_flops_per_second_adds_the_runs_side_by_side():
+    runs = [
+        {"step_flops": [100.0, 200.0], "step_seconds": [2.0, 4.0]},  # 300 FLOPs in 6 s: 50 FLOP/s
+        {"step_flops": [300.0, 300.0], "step_seconds": [3.0, 6.0]},  # 600 FLOPs in 9 s
+    ]
+    overall, per_step = bench.machine_flops_per_second(runs)
+    assert overall == 300.0 / 6.0 + 600.0 / 9.0
+    assert per_step == [100.0 / 2.0 + 300.0 / 3.0, 200.0 / 4.0 + 300.0 / 6.0]

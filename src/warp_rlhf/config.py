@@ -276,8 +276,10 @@ DEMO_BUDGET: dict[str, Any] = {
     "learning_rate": 1.2e-4,
     "front_points": 3,
     "trajectory_points": 2,
+    "backend": "processes",
 }
-"""`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores."""
+"""`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores,
+its M runs side by side (`distributed.side_by_side`)."""
 
 
 def load_config(
