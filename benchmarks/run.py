@@ -20,8 +20,10 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 Each measurement runs in its own processes (one measurement at a time), and writes
 benchmarks/results.json and benchmarks/RESULTS.md. Step times are the median of the measured
 steps (after a warm-up step), for us and for TRL alike: on a shared VM a median is not moved by
-one step that a neighbour slowed down. Runs side by side take one step more after the measured
-ones, so that no measured step runs alone.
+one step that a neighbour slowed down. Runs side by side warm up for two steps and take one more
+after the measured ones (`_steps_taken`), so that every measured step runs beside the other
+runs' measured steps: a process's first step (its memory first touched, 450,000 page faults)
+could otherwise overlap another run's first measured step.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ def _forward_flops(model, tokens: int) -> float:
     return 2.0 * body * tokens
 
 
+def _steps_taken(steps: int, run: int | None) -> tuple[int, int]:
+    """(warm-up steps, steps taken) for `steps` measured ones: alone, one warm-up step; beside
+    other runs, two, and one more after the measured ones (module docstring)."""
+    return (1, steps + 1) if run is None else (2, steps + 3)
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -116,17 +124,15 @@ def measure_ours(steps: int, run: int | None = None) -> dict:
 
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
     with tempfile.TemporaryDirectory() as folder:
-        extra = 1 if run is None else 2  # the warm-up step; beside other runs, one more after the measured ones
-        trainer.run(
-            RunSpec(1, run or 1, Path(folder), MU), None, steps + extra
-        )  # the real code path, checkpoints included
+        warmup, taken = _steps_taken(steps, run)
+        trainer.run(RunSpec(1, run or 1, Path(folder), MU), None, taken)  # the real code path, checkpoints included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     n_params = sum(p.numel() for p in policy.parameters())
     output_weights = policy.get_output_embeddings().weight.numel()
     for row, tokens in zip(rows, reward_tokens, strict=True):
         row["flops"] = phase_flops(n_params, output_weights, row["tokens"], row["completion_tokens"],
                                    _forward_flops(reward_model.model, tokens))  # fmt: skip
-    rows = rows[1 : steps + 1]  # the first step warms up
+    rows = rows[warmup : warmup + steps]
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
     flops = sum(median["flops"].values())
@@ -235,7 +241,7 @@ def measure_trl(steps: int, run: int | None = None) -> dict:
         args = RLOOConfig(
             output_dir=out, per_device_train_batch_size=BATCH, num_generations=2, max_completion_length=NEW_TOKENS,
             temperature=config.temperature, top_k=0, top_p=1.0, beta=BETA, learning_rate=LR,
-            max_steps=steps + (1 if run is None else 2),
+            max_steps=_steps_taken(steps, run)[1],
             sync_ref_model=True, ref_model_mixup_alpha=MU, ref_model_sync_steps=1, use_cpu=True, bf16=False,
             activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
             disable_tqdm=True, seed=run or 0,
@@ -245,7 +251,8 @@ def measure_trl(steps: int, run: int | None = None) -> dict:
             train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[clock],
         )  # fmt: skip
         trainer.train()
-    durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][1 : steps + 1]  # first: warm-up
+    warmup = _steps_taken(steps, run)[0]
+    durations = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][warmup : warmup + steps]
     seconds = sorted(durations)[len(durations) // 2]
     return {"seconds_per_step": seconds, "samples_per_second": BATCH / seconds, "steps": len(durations),
             "step_seconds": durations}  # fmt: skip
@@ -355,7 +362,7 @@ def machine_flops_per_second(runs: list[dict]) -> tuple[float, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="measured steps after one warm-up step; the median counts")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up; the median counts")
     parser.add_argument("--only", choices=list(MEASUREMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)  # set: run m of the runs side by side
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # … and its torch threads
@@ -450,9 +457,9 @@ SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {res
 Our step is WARP's as `backend: processes` takes it (what `make demo` uses): the M = {runs} runs of
 an iteration side by side, each in its own process on {_threads_text(results["side_by_side_threads"])}.
 TRL's RLOOTrainer runs the same way, {len(trl["runs"])} runs side by side. Step times are the median
-of 5 steps after a warm-up step (each step is listed: this shared VM moves them); mfu is the
-model FLOPs of the measured steps of all runs over their seconds. For reference, one run alone
-on all the cores (`backend: local`).
+of 5 steps after warm-up (one step alone, two side by side; each step is listed: this shared VM
+moves them); mfu is the model FLOPs of the measured steps of all runs over their seconds. For
+reference, one run alone on all the cores (`backend: local`).
 
 | metric | value | target |
 |---|---|---|

@@ -62,3 +62,8 @@ def test_machine_flops_per_second_adds_the_runs_side_by_side():
     overall, per_step = bench.machine_flops_per_second(runs)
     assert overall == 300.0 / 6.0 + 600.0 / 9.0
     assert per_step == [100.0 / 2.0 + 300.0 / 3.0, 200.0 / 4.0 + 300.0 / 6.0]
+
+
+def test_runs_side_by_side_warm_up_longer_and_take_one_step_more():
+    assert bench._steps_taken(5, run=None) == (1, 6)  # alone: one warm-up step, then the 5 measured
+    assert bench._steps_taken(5, run=2) == (2, 8)  # beside others: two warm-up steps, 5 measured, one more
