@@ -46,23 +46,45 @@ RUNS = 2
 """M, the runs of a WARP iteration that step side by side."""
 
 
-def _embedded():
-    import torch
+PROMPTS = "WARP_BENCH_PROMPTS"
+"""The environment variable naming the JSON file of RL prompts that the parent wrote for its
+children (`write_prompts`): the measured processes, like `backend: processes`' run processes,
+get their prompts handed over and never import `datasets` (with pandas and pyarrow, 84 MB of
+resident memory that a WARP run process does not have)."""
 
-    from warp_rlhf import assets
+
+def _config():
     from warp_rlhf.config import WarpConfig
-    from warp_rlhf.data import load_reviews, split_reviews
-    from warp_rlhf.models import load_causal_lm, load_tokenizer
-    from warp_rlhf.reward import RewardModel
 
-    config = WarpConfig(
+    return WarpConfig(
         batch_size=BATCH, max_new_tokens=NEW_TOKENS, ema_rate=MU, beta=BETA, learning_rate=LR, device="cpu",
         prompt_min_tokens=4, prompt_max_tokens=MAX_PROMPT_TOKENS, reward_train_pairs=10, reward_eval_pairs=10,
         rl_prompts=256, eval_prompts=10,
     )  # fmt: skip
+
+
+def write_prompts(path: Path) -> None:
+    """The embedded RL prompts, as the pipeline splits them, into a JSON file."""
+    from warp_rlhf import assets
+    from warp_rlhf.data import load_reviews, split_reviews
+    from warp_rlhf.models import load_tokenizer
+
+    config = _config()
+    tokenizer = load_tokenizer(assets.resolve_policy(config), padding_side="left")
+    path.write_text(json.dumps(split_reviews(load_reviews(config), config, tokenizer).rl_prompts))
+
+
+def _embedded():
+    import torch
+
+    from warp_rlhf import assets
+    from warp_rlhf.models import load_causal_lm, load_tokenizer
+    from warp_rlhf.reward import RewardModel
+
+    config = _config()
     policy_path = assets.resolve_policy(config)
     tokenizer = load_tokenizer(policy_path, padding_side="left")
-    prompts = split_reviews(load_reviews(config), config, tokenizer).rl_prompts
+    prompts = json.loads(Path(os.environ[PROMPTS]).read_text())
     from transformers import AutoModelForSequenceClassification
 
     backbone = assets.resolve_backbone(config)
@@ -374,13 +396,22 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         print(json.dumps(MEASUREMENTS[args.only](args.steps, args.run)))
         return
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ[PROMPTS] = str(Path(folder) / "prompts.json")
+        write_prompts(Path(os.environ[PROMPTS]))
+        results = _measure_all(args.steps)
+    write_results(results)
+
+
+def _measure_all(steps: int) -> dict:
+    """Each measurement of the plan in its own processes."""
     results, peaks = {}, []
     plan = [("peak", _child), ("ours", _side_by_side), ("ours", _child), ("peak", _child), ("trl", _side_by_side),
             ("peak", _child), ("merge", _child)]  # fmt: skip
     for name, measure in plan:
         layout = "side by side" if measure is _side_by_side else "alone"
         print(f"measuring {name} ({layout}) …", file=sys.stderr, flush=True)
-        result = measure(name, args.steps)
+        result = measure(name, steps)
         if name == "peak":  # the best of three, spread over the run: a slow moment does not lower it
             peaks.append(result)
             result = {"fp32_matmul_flops": max(p["fp32_matmul_flops"] for p in peaks), "measured": peaks}
@@ -390,6 +421,11 @@ def main() -> None:
             results[f"{name}_side_by_side"] = {"runs": result, "samples_per_second": samples}
         else:
             results[f"{name}_alone" if name == "ours" else name] = result
+    return results
+
+
+def write_results(results: dict) -> None:
+    """The targets from the measurements, into results.json and RESULTS.md."""
     peak = results["peak"]["fp32_matmul_flops"]
     ours, trl, alone = results["ours_side_by_side"], results["trl_side_by_side"], results["ours_alone"]
     flops_per_second, per_step = machine_flops_per_second(ours["runs"])
