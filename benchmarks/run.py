@@ -10,8 +10,8 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 - TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
   synced as an EMA every step, two runs side by side the same way: samples/s, and the ratio;
 - model-FLOPs utilisation of both runs' steps together against the fp32 matmul peak measured in
-  this run (the best of three measurements: before, between and after the trainers): the model
-  FLOPs of all measured steps over their seconds;
+  this run (the best of three measurements: before, between and after the trainers): the median
+  over the measured steps (`utilisation`);
 - for reference, one run alone on all the cores (`backend: local`): its step, its mfu, and that
   mfu had each phase taken only its matrix products, timed alone at the step's shapes;
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -374,12 +375,16 @@ def _side_by_side(name: str, steps: int) -> list[dict]:
     return [_result(name, child.returncode, *output) for child, output in zip(children, outputs, strict=True)]
 
 
-def machine_flops_per_second(runs: list[dict]) -> tuple[float, list[float]]:
-    """Model FLOPs/s of runs that stepped side by side, as one machine: over all measured steps
-    (each run's FLOPs over its seconds, added), and per measured step i (the runs' steps i)."""
-    overall = sum(sum(run["step_flops"]) / sum(run["step_seconds"]) for run in runs)
+def utilisation(runs: list[dict], peak: float) -> dict:
+    """Model-FLOPs utilisation of runs that stepped side by side, as one machine (`peak`: its fp32
+    matmul FLOPs/s). Per measured step i: the runs' steps i, each run's FLOPs over its seconds,
+    added, over the peak. `median`: the median of those, as step times are medians (one step that a
+    neighbour slowed, or sped, does not move it; each step's rate, so a step with less work does
+    not count for more); `all_steps`: every run's measured FLOPs over its seconds, added."""
     steps = zip(*[zip(run["step_flops"], run["step_seconds"], strict=True) for run in runs], strict=True)
-    return overall, [sum(flops / seconds for flops, seconds in step) for step in steps]
+    per_step = [sum(flops / seconds for flops, seconds in step) / peak for step in steps]
+    all_steps = sum(sum(run["step_flops"]) / sum(run["step_seconds"]) for run in runs) / peak
+    return {"median": statistics.median(per_step), "all_steps": all_steps, "per_step": per_step}
 
 
 def main() -> None:
@@ -428,16 +433,14 @@ def write_results(results: dict) -> None:
     """The targets from the measurements, into results.json and RESULTS.md."""
     peak = results["peak"]["fp32_matmul_flops"]
     ours, trl, alone = results["ours_side_by_side"], results["trl_side_by_side"], results["ours_alone"]
-    flops_per_second, per_step = machine_flops_per_second(ours["runs"])
     runs = ours["runs"]
+    ours["utilisation"], alone["utilisation"] = utilisation(runs, peak), utilisation([alone], peak)
     summary = {
         "ratio_vs_trl": ours["samples_per_second"] / trl["samples_per_second"],
-        "mfu": flops_per_second / peak,
+        "mfu": ours["utilisation"]["median"],
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
         "rss_vs_bound": sum(r["peak_rss_bytes"] for r in runs) / sum(r["lower_bound_bytes"] for r in runs),
     }
-    ours["mfu_per_step"] = [f / peak for f in per_step]
-    alone["mfu"] = sum(alone["step_flops"]) / sum(alone["step_seconds"]) / peak
     alone["utilisation_per_phase"] = {
         phase: flops / alone["phases"][f"seconds_{phase}"] / peak for phase, flops in alone["flops_per_phase"].items()
     }
@@ -483,7 +486,7 @@ def results_markdown(results: dict) -> str:
     )
     alone_step = (
         f"{alone['seconds_per_step']:.2f} s, {alone['samples_per_second']:.2f} samples/s"
-        f" (each step: {_spread(alone['step_seconds'])} s), mfu {alone['mfu']:.2f}"
+        f" (each step: {_spread(alone['step_seconds'])} s), mfu {alone['utilisation']['median']:.2f}"
     )
     memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
     return f"""# Benchmark results
@@ -494,8 +497,10 @@ Our step is WARP's as `backend: processes` takes it (what `make demo` uses): the
 an iteration side by side, each in its own process on {_threads_text(results["side_by_side_threads"])}.
 TRL's RLOOTrainer runs the same way, {len(trl["runs"])} runs side by side. Step times are the median
 of 5 steps after warm-up (one step alone, two side by side; each step is listed: this shared VM
-moves them); mfu is the model FLOPs of the measured steps of all runs over their seconds. For
-reference, one run alone on all the cores (`backend: local`).
+moves them). mfu is the median over the measured steps of the runs' model FLOPs/s together (step
+i of each run: its FLOPs over its seconds, added) over the peak; the model FLOPs of all measured
+steps over their seconds are listed too. For reference, one run alone on all the cores
+(`backend: local`).
 
 | metric | value | target |
 |---|---|---|
@@ -510,7 +515,8 @@ reference, one run alone on all the cores (`backend: local`).
 | our runs together | {ours["samples_per_second"]:.2f} samples/s |
 {_trainer_rows("TRL RLOOTrainer", trl)}
 | TRL runs together | {trl["samples_per_second"]:.2f} samples/s |
-| mfu of each measured step, all runs (how much the host moves it) | {_spread(ours["mfu_per_step"])} |
+| mfu of each measured step, all runs (how much the host moves it) | {_spread(ours["utilisation"]["per_step"])} |
+| mfu of all measured steps together (their FLOPs over their seconds) | {ours["utilisation"]["all_steps"]:.2f} |
 | one run alone on all the cores | {alone_step} |
 | mfu of the alone run's median step, its phases taking only their matrix products | {alone["mfu_products_only"]:.2f} |
 | fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |

@@ -54,14 +54,16 @@ def test_product_seconds_times_each_phase(tiny_policy):
     assert seconds["policy"] > seconds["anchor"]  # the forward's products and the backward's
 
 
-def test_machine_flops_per_second_adds_the_runs_side_by_side():
+def test_utilisation_adds_the_runs_side_by_side_and_takes_the_median_step():
     runs = [
-        {"step_flops": [100.0, 200.0], "step_seconds": [2.0, 4.0]},  # 300 FLOPs in 6 s: 50 FLOP/s
-        {"step_flops": [300.0, 300.0], "step_seconds": [3.0, 6.0]},  # 600 FLOPs in 9 s
+        {"step_flops": [100.0, 200.0, 90.0], "step_seconds": [2.0, 4.0, 1.0]},  # 390 FLOPs in 7 s
+        {"step_flops": [300.0, 300.0, 60.0], "step_seconds": [3.0, 6.0, 3.0]},  # 660 FLOPs in 12 s
     ]
-    overall, per_step = bench.machine_flops_per_second(runs)
-    assert overall == 300.0 / 6.0 + 600.0 / 9.0
-    assert per_step == [100.0 / 2.0 + 300.0 / 3.0, 200.0 / 4.0 + 300.0 / 6.0]
+    got = bench.utilisation(runs, peak=10.0)
+    per_step = [(50.0 + 100.0) / 10.0, (50.0 + 50.0) / 10.0, (90.0 + 20.0) / 10.0]
+    assert got["per_step"] == per_step
+    assert got["median"] == 11.0  # the middle of 15, 10 and 11
+    assert got["all_steps"] == (390.0 / 7.0 + 660.0 / 12.0) / 10.0
 
 
 def test_runs_side_by_side_warm_up_longer_and_take_one_step_more():
