@@ -24,8 +24,8 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     assert torch.allclose(ours, logits.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_lean_backward_gives_the_same_output_and_gradients(tiny_policy, bias):
+@pytest.mark.parametrize(("bias", "backward_inside"), [(False, True), (True, True), (False, False)])
+def test_lean_backward_gives_the_same_output_and_gradients(tiny_policy, bias, backward_inside):
     torch.manual_seed(0)
     model = load_causal_lm(str(tiny_policy)).eval()
     if bias:
@@ -37,10 +37,13 @@ def test_lean_backward_gives_the_same_output_and_gradients(tiny_policy, bias):
         model.zero_grad(set_to_none=True)
         with activations.lean_backward(model) if lean else torch.enable_grad():
             logits = model(input_ids=ids).logits
-            assert model.get_input_embeddings().sparse == lean  # tied: sparse rows inside
+            loss = (logits * torch.linspace(-1, 1, logits.shape[-1])).sum()
+            if backward_inside:  # the tied embedding's rows added in place; after the context, as a sparse gradient
+                loss.backward()
         assert model.model.layers[0].mlp.forward.__func__ is type(model.model.layers[0].mlp).forward  # restored
-        assert not model.get_input_embeddings().sparse
-        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        assert "forward" not in vars(model.get_input_embeddings())
+        if not backward_inside:
+            loss.backward()
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (lean, lean_grads) = results
     assert torch.equal(plain, lean)
@@ -55,7 +58,7 @@ def test_an_untied_embedding_keeps_dense_gradients(tiny_policy):
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie
     with activations.lean_backward(model):
-        assert not model.get_input_embeddings().sparse
+        assert "forward" not in vars(model.get_input_embeddings())  # left as it is
         model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
     assert not model.get_input_embeddings().weight.grad.is_sparse
 
@@ -129,3 +132,27 @@ def test_a_norm_with_other_arithmetic_keeps_its_forward(tiny_policy):
         x = torch.randn(2, model.config.hidden_size)
         assert torch.allclose(model.model.norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     assert "forward" not in vars(model.model.layers[0].input_layernorm)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_equal_the_output_layer_then_log_softmax(temperature, monkeypatch):
+    monkeypatch.setattr(activations, "CHUNK_BYTES", 8 * 4 * 3)  # backward over pieces of 3 columns (and one of 2)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(8, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
+    ids, upstream = torch.tensor([0, 10, 3, 3, 5, 9, 1, 7]), torch.randn(8)
+    logprobs, entropy = activations.head_logprobs(hidden, weight, ids, temperature, with_entropy=True)
+    (logprobs * upstream).sum().backward()
+    ours = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    log_p = torch.log_softmax(hidden @ weight.T / temperature, -1)
+    (log_p.gather(-1, ids[:, None]).squeeze(-1) * upstream).sum().backward()
+    assert torch.allclose(logprobs, log_p.gather(-1, ids[:, None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(entropy, -(log_p.exp() * log_p).sum(-1), atol=1e-5) and not entropy.requires_grad
+    assert torch.allclose(ours[0], hidden.grad, atol=1e-5) and torch.allclose(ours[1], weight.grad, atol=1e-5)
+
+
+def test_head_logprobs_gradcheck():
+    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([5, 0, 2, 2])
+    assert torch.autograd.gradcheck(lambda h, w: activations.head_logprobs(h, w, ids, 0.8)[0], (hidden, weight))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tokenizer
-from warp_rlhf import rollout
+from warp_rlhf import activations, rollout
 from warp_rlhf.models import load_causal_lm
 
 
@@ -132,4 +132,48 @@ def test_mean_entropy_by_hand():
     batch = rollout.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.tensor([[1, 1], [1, 0]]), 1)
     h_half = 1.5 * math.log(2)  # −(½ log ½ + 2 · ¼ log ¼)
     want = (math.log(4) + h_half + h_half) / 3
-    assert rollout.mean_entropy(logits, batch) == pytest.approx(want, abs=1e-6)
+    entropy = activations.entropy(logits, torch.logsumexp(logits, -1, keepdim=True))
+    assert torch.allclose(entropy, torch.tensor([[math.log(4), h_half], [h_half, math.log(4)]]), atol=1e-6)
+    assert rollout.mean_entropy(entropy, batch) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_fused_equal_the_logits_path_with_gradients(policy, tokenizer, temperature):
+    torch.manual_seed(5)
+    batch = rollout.sample(policy, tokenizer, ["the movie", "a", "it was"], temperature=0.9, max_new_tokens=5)
+    assert rollout.fuses_head(policy, rollout.padded_logits)
+    weights = torch.randn(batch.completion_mask.shape)
+    results = []
+    for fused in (True, False):
+        policy.zero_grad(set_to_none=True)
+        if fused:
+            logprobs, entropy = rollout.completion_logprobs(policy, batch, temperature, with_entropy=True)
+        else:
+            logits = rollout.token_logits(policy, batch, temperature)
+            log_p = torch.log_softmax(logits, -1)
+            logprobs = log_p.gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1).detach()
+        (logprobs * weights * batch.completion_mask).sum().backward()
+        results.append((logprobs.detach(), entropy, [p.grad.clone() for p in policy.parameters()]))
+    (fused_logp, fused_entropy, fused_grads), (logp, entropy, grads) = results
+    assert torch.allclose(fused_logp, logp, atol=1e-5) and torch.allclose(fused_entropy, entropy, atol=1e-5)
+    for ours, theirs in zip(fused_grads, grads, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_a_head_with_post_processing_is_not_fused(tiny_policy):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, pad_token_id=0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    assert not rollout.fuses_head(model, rollout.padded_logits)  # the logits are capped after the head
+    batch = rollout.Rollout(torch.randint(3, 32, (2, 5)), torch.ones(2, 5, dtype=torch.long),
+                            torch.ones(2, 3, dtype=torch.long), 2)  # fmt: skip
+    logprobs, _ = rollout.completion_logprobs(model, batch, 1.0)
+    with torch.no_grad():
+        logits = rollout.padded_logits(model, batch)
+    expected = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-5)

@@ -6,14 +6,17 @@ product:
 
 - `token_logprobs`: log softmax(z)_y = z_y − logsumexp z over the vocabulary, whose backward
   makes one (N, V) tensor, softmax(z) scaled in place, instead of the three or four that
-  autograd's gather and logsumexp make;
+  autograd's gather and logsumexp make; `head_logprobs`, the output layer and the same
+  log-probs as one function, whose backward makes none;
 - a gated MLP, down(act(gate(x)) ⊙ up(x)), saves gate(x) and up(x) only;
   act(gate) and the product, half of the MLP's saved activations, are recomputed in the
   backward pass (elementwise work);
 - an RMSNorm, w ⊙ x / √(mean(x²) + ε), saves x and 1/√(mean(x²) + ε) only, where autograd
   also keeps the normalised x (one (T, d) tensor per norm); its backward is one function;
-- a tied input embedding's gradient as sparse rows (the batch's tokens), which autograd adds to
-  the output layer's dense gradient, instead of a second dense (V, d) tensor.
+- a tied input embedding's gradient as rows (the batch's tokens), added in place into the output
+  layer's dense gradient once that is accumulated, instead of a second dense (V, d) tensor or
+  autograd's out-of-place sum of a sparse one with the dense one (a fresh 113 MB copy per step
+  for SmolLM2, whose pages fault in every step).
 
 `lean_backward(model)` applies the last three around a training forward.
 """
@@ -57,6 +60,70 @@ class _TokenLogprobs(torch.autograd.Function):
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[…, ids] = z_y − logsumexp z, shape of `ids`."""
     return _TokenLogprobs.apply(logits, ids)
+
+
+def entropy(logits: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """H = −Σ p log p = lse − Σ p z for p = softmax(z) over the last dimension (`normaliser`: lse,
+    keepdim), in cache-sized pieces of rows, without a gradient."""
+    rows, norms = logits.detach().reshape(-1, logits.shape[-1]), normaliser.detach().reshape(-1, 1)
+    piece = max(1, CHUNK_BYTES // (rows.shape[-1] * rows.element_size()))
+    parts = zip(rows.split(piece), norms.split(piece), strict=True)
+    values = [lse.squeeze(-1) - torch.linalg.vecdot(torch.sub(z, lse).exp_(), z) for z, lse in parts]
+    return torch.cat(values).view(logits.shape[:-1])
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, with_entropy):
+        logits = product(hidden, weight)
+        if temperature != 1.0:
+            logits.div_(temperature)  # its own tensor: in place, no copy
+        normaliser = logsumexp(logits)
+        ctx.temperature = temperature
+        ctx.save_for_backward(hidden, weight, logits, normaliser, ids)
+        token_entropy = entropy(logits, normaliser) if with_entropy else logits.new_empty(0)
+        ctx.mark_non_differentiable(token_entropy)
+        return (logits.gather(-1, ids.unsqueeze(-1)) - normaliser).squeeze(-1), token_entropy
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        hidden, weight, logits, normaliser, ids = ctx.saved_tensors
+        # z = h Wᵀ / τ: ∂ℓ/∂z = (onehot(y) − softmax(z)) g, ∂h = (∂ℓ/∂z) W / τ, ∂W = (∂ℓ/∂z)ᵀ h / τ
+        scale = grad / ctx.temperature
+        rows, vocabulary = logits.shape
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        columns = max(1, CHUNK_BYTES // (rows * logits.element_size()))
+        buffer, row = logits.new_empty(rows, columns), torch.arange(rows, device=ids.device)
+        for start in range(0, vocabulary, columns):
+            stop = min(vocabulary, start + columns)
+            piece = buffer[:, : stop - start]
+            torch.sub(logits[:, start:stop], normaliser, out=piece).exp_().mul_(-scale.unsqueeze(-1))
+            hit = (ids >= start) & (ids < stop)
+            piece.index_put_((row[hit], ids[hit] - start), scale[hit], accumulate=True)
+            if grad_weight is not None:
+                torch.mm(piece.T, hidden, out=grad_weight[start:stop])
+            if grad_hidden is not None:
+                grad_hidden.addmm_(piece, weight[start:stop])
+        return grad_hidden, grad_weight, None, None, None
+
+
+def head_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer and the token log-probs as one function: for z = h Wᵀ / τ (rows of
+    `hidden`, (N, d); `weight`, (V, d)), log softmax(z)[y] = z_y − logsumexp z, shape (N,); with
+    `with_entropy`, also H = −Σ p log p per row (no gradient), from the same z.
+
+    Its backward runs over pieces of the vocabulary (`CHUNK_BYTES` of z's columns at a time):
+    each piece's ∂ℓ/∂z = (onehot(y) − softmax(z)) g stays in cache and goes straight into its rows
+    of ∂W and into ∂h, so no (N, V) gradient exists, and τ divides z in place once. As separate
+    modules the same step makes three more (N, V) tensors: z / τ, its gradient, and that divided
+    by τ, each a fresh mapping of 75 MB at batch 16 (`runtime.LARGE_BLOCK`) whose pages fault
+    in every step (benchmarks/NOTES.md).
+    """
+    logprobs, token_entropy = _HeadLogprobs.apply(hidden, weight, ids, temperature, with_entropy)
+    return logprobs, token_entropy if with_entropy else None
 
 
 class _GatedProjection(torch.autograd.Function):
@@ -144,8 +211,9 @@ def lean_backward(model: torch.nn.Module) -> Iterator[None]:
     `act_fn`) saves gate(x) and up(x) instead of also act(gate(x)) and their product: on SmolLM2
     at 568 tokens, 200 of 728 MB of saved activations. Every RMSNorm whose arithmetic is
     Llama's saves x and its scale, not the normalised x. An input embedding tied to the output
-    layer returns sparse gradient rows, which autograd adds to the output layer's dense gradient
-    (the parameter's gradient stays dense). Other modules are left as they are.
+    layer adds its gradient rows in place into the output layer's dense gradient when the backward
+    pass runs inside the context (`_TiedRows`; after it, they go to autograd as a sparse gradient,
+    which it adds out of place). Other modules are left as they are.
     """
     mlps = [m for m in model.modules() if _is_gated_mlp(m)]
     for mlp in mlps:
@@ -159,14 +227,69 @@ def lean_backward(model: torch.nn.Module) -> Iterator[None]:
     for norm in norms:
         norm.forward = lambda x, norm=norm: rms_norm(x, norm.weight, norm.variance_epsilon)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
-    was_sparse = embedding.sparse if tied else False
-    if tied:
-        embedding.sparse = True
+    tied = (
+        isinstance(embedding, torch.nn.Embedding)
+        and head is not None
+        and embedding.weight is head.weight
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+    )
+    rows = _TiedRows(embedding.weight) if tied else None
+    if rows is not None:
+        embedding.forward = lambda ids: _EmbeddingRows.apply(ids, embedding.weight, embedding.padding_idx, rows)
     try:
         yield
     finally:
-        for module in mlps + norms:
+        for module in mlps + norms + ([embedding] if tied else []):
             del module.forward
-        if tied:
-            embedding.sparse = was_sparse
+        if rows is not None:
+            rows.close()
+
+
+class _TiedRows:
+    """The tied embedding's gradient rows of a backward pass run inside `lean_backward`: added in
+    place into the weight's gradient once the output layer's gradient is accumulated there (a
+    post-accumulate-grad hook). A backward pass after the context gives its rows back to autograd
+    as a sparse gradient instead."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.hook = weight.register_post_accumulate_grad_hook(self.add)
+
+    @property
+    def open(self) -> bool:
+        return self.hook is not None
+
+    def add(self, weight: torch.Tensor) -> None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        for ids, rows in self.pending:
+            weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.hook.remove()
+        self.hook = None
+
+
+class _EmbeddingRows(torch.autograd.Function):
+    """weight[ids], whose weight gradient goes to `_TiedRows` as rows (ids, ∂rows)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, rows):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.rows, ctx.weight_shape = padding_idx, rows, weight.shape
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        ids, values = ids.flatten(), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # the padding row gets no gradient, as in nn.Embedding
+            keep = ids != ctx.padding_idx
+            ids, values = ids[keep], values[keep]
+        if ctx.rows.open:
+            ctx.rows.pending.append((ids, values))
+            return None, None, None, None
+        sparse = torch.sparse_coo_tensor(ids[None], values, ctx.weight_shape, check_invariants=True)
+        return None, sparse, None, None

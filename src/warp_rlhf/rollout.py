@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from warp_rlhf import decoding, packing
-from warp_rlhf.activations import token_logprobs
-from warp_rlhf.gemm import onednn_linears
+from warp_rlhf import activations, decoding, packing
+from warp_rlhf.activations import head_logprobs, token_logprobs
+from warp_rlhf.gemm import onednn_linears, runs_on_onednn
 from warp_rlhf.packing import position_ids
 
 
@@ -133,12 +133,77 @@ def token_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     once). On CPU the linears multiply with oneDNN (`gemm.onednn_linears`), with or without a
     gradient.
     """
-    forward = packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
+    forward = _forward(model)
     with onednn_linears(model):
         logits = forward(model, rollout).float()
     if temperature == 1.0:
         return logits
     return logits / temperature if torch.is_grad_enabled() else logits.div_(temperature)
+
+
+def completion_logprobs(
+    model, rollout: Rollout, temperature: float, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | x, y_<t) of each completion token under softmax(logits / τ), shape (B, L), and
+    with `with_entropy` the entropy H_t of that distribution (nats, no gradient), shape (B, L).
+
+    Where the model's logits are its output layer's product and nothing more (checked once per
+    model, `fuses_head`) and that layer is CPU fp32 without a bias, the output layer and the
+    log-softmax run as one function (`activations.head_logprobs`), whose backward makes no
+    (B·L, V) tensor; elsewhere from `token_logits`. The same numbers either way.
+    """
+    ids, forward = rollout.completion_ids, _forward(model)
+    if fuses_head(model, forward):
+        with onednn_linears(model):
+            hidden = head_inputs(model, forward, rollout)
+        weight = model.get_output_embeddings().weight
+        logprobs, entropy = head_logprobs(hidden, weight, ids.flatten(), temperature, with_entropy)
+        return logprobs.view_as(ids), entropy.view_as(ids) if with_entropy else None
+    logits = token_logits(model, rollout, temperature)
+    entropy = activations.entropy(logits, activations.logsumexp(logits.detach())) if with_entropy else None
+    return token_logprobs(logits, ids), entropy
+
+
+def _forward(model):
+    """The training forward that gives this model's own logits: packed where it can be."""
+    return packing.packed_logits if packing.packs_exactly(model, padded_logits) else padded_logits
+
+
+def head_inputs(model, forward, rollout: Rollout) -> torch.Tensor:
+    """The output layer's input at the B · L completion positions, (B · L, d): `forward` with the
+    output layer skipped (it returns one zero per position, which the caller ignores)."""
+    head, captured = model.get_output_embeddings(), []
+    previous = vars(head).get("forward")  # an enclosing `onednn_linears`' forward, if any
+
+    def skipped(x: torch.Tensor) -> torch.Tensor:
+        captured.append(x)
+        return x.new_zeros(*x.shape[:-1], 1)
+
+    head.forward = skipped
+    try:
+        forward(model, rollout)
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+    (hidden,) = captured
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def fuses_head(model, forward) -> bool:
+    """Whether `completion_logprobs` may take the logits as h Wᵀ from `head_inputs`: an output
+    layer that is a CPU fp32 `nn.Linear` without a bias, and logits that the model returns as that
+    layer gave them (no soft-capping or scaling after it; checked once per model)."""
+    head = model.get_output_embeddings()
+    if not (isinstance(head, torch.nn.Linear) and head.bias is None and runs_on_onednn(head.weight)):
+        return False
+
+    def pairs(probe: Rollout):
+        logits = forward(model, probe)
+        return [(logits, (head_inputs(model, forward, probe) @ head.weight.T).view_as(logits))]
+
+    return packing.verdict(model, "head", pairs)
 
 
 def padded_logits(model, rollout: Rollout) -> torch.Tensor:
@@ -158,16 +223,10 @@ def sequence_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     return (token_logprobs(logits, rollout.completion_ids) * rollout.completion_mask).sum(-1)
 
 
-@torch.no_grad()
-def mean_entropy(logits: torch.Tensor, rollout: Rollout) -> float:
-    """Mean per-token entropy H = −Σ p log p of the sampling distribution (nats), p = softmax(z).
-
-    Row by row, so its temporaries are one row's (L, V), not the batch's: it runs while the
-    training forward's activations are alive, at the step's memory peak.
-    """
-    log_p = (torch.log_softmax(row, dim=-1) for row in logits)
-    entropy = torch.stack([-torch.linalg.vecdot(row.exp(), row) for row in log_p])
-    return ((entropy * rollout.completion_mask).sum() / rollout.completion_mask.sum().clamp(min=1)).item()
+def mean_entropy(entropy: torch.Tensor, rollout: Rollout) -> float:
+    """The mean of per-token entropies (B, L) over the completion mask."""
+    mask = rollout.completion_mask
+    return ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 def decode(tokenizer, rollout: Rollout) -> list[str]:

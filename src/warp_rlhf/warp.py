@@ -184,10 +184,13 @@ class Trainer:
         size = config.batch_size // config.grad_accumulation_steps
         micro = [batch.rows(start, start + size) for start in range(0, config.batch_size, size)]
 
-        def forward(model, part: rollout.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(model, part: rollout.Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """ℓ of each sequence, and with a gradient the per-token entropy (logged)."""
             with self.autocast():
-                logits = rollout.token_logits(model, part, config.temperature)
-            return rollout.sequence_logprobs(logits, part), logits
+                logprobs, entropy = rollout.completion_logprobs(
+                    model, part, config.temperature, with_entropy=torch.is_grad_enabled()
+                )
+            return (logprobs * part.completion_mask).sum(-1), entropy
 
         with torch.no_grad():
             logp_anchor = torch.cat([forward(self.anchor, part)[0] for part in micro])
@@ -207,18 +210,18 @@ class Trainer:
         kls, rewards_beta, loss_total, entropy = [], [], 0.0, 0.0
         for index, part in enumerate(micro):
             rows = slice(index * size, (index + 1) * size)
-            with lean_backward(self.policy):
-                logp, logits = forward(self.policy, part)
-            share = part.completion_mask.sum().item() / max(1, batch.completion_mask.sum().item())
-            entropy += rollout.mean_entropy(logits, part) * share  # a per-token mean over the batch
-            logp_values = logp_first[rows] if whole_batch_first else logp.detach()
-            r_beta = reward_beta(rows, logp_values)
-            # baseline 'none' is per sample; otherwise this micro-batch is the whole batch
-            advantage = advantage_first[rows] if whole_batch_first else advantages(r_beta, config.baseline)
-            loss = -(advantage * logp).sum() / config.batch_size
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
-            loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
+            with lean_backward(self.policy):  # its forward and backward
+                logp, token_entropy = forward(self.policy, part)
+                share = part.completion_mask.sum().item() / max(1, batch.completion_mask.sum().item())
+                entropy += rollout.mean_entropy(token_entropy, part) * share  # a per-token mean over the batch
+                logp_values = logp_first[rows] if whole_batch_first else logp.detach()
+                r_beta = reward_beta(rows, logp_values)
+                # baseline 'none' is per sample; otherwise this micro-batch is the whole batch
+                advantage = advantage_first[rows] if whole_batch_first else advantages(r_beta, config.baseline)
+                loss = -(advantage * logp).sum() / config.batch_size
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{spec.name} step {step + 1}: the loss is not finite")
+                loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
             loss_total += loss.item()
             kls.append(logp_values - logp_anchor[rows].to(logp_values))
             rewards_beta.append(r_beta)
