@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint install bench
+.PHONY: demo test test-fast lint install bench docs
 
 install: $(STAMP)
 
@@ -25,8 +25,15 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -m "not slow" -q
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+docs: $(STAMP)
+	$(PY) -c "from warp_rlhf.config import reference_markdown; open('docs/configuration.md', 'w').write(reference_markdown())"

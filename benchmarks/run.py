@@ -5,7 +5,7 @@
 On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens:
 - our RL step, as WARP takes it with `backend: processes` (what `make demo` uses): the M = 2
   runs of an iteration side by side, each in its own process on its share of the cores
-  (`distributed.side_by_side`: one core each on 2 cores): samples/s of both together and the
+  (`runners.side_by_side`: one core each on 2 cores): samples/s of both together and the
   split of each run's step (generate, reward, anchor, policy, optimizer, ema);
 - TRL RLOOTrainer, same model, batch, lengths and reward, num_generations = 2, reference model
   synced as an EMA every step, two runs side by side the same way: samples/s, and the ratio;
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from warp_rlhf.distributed import side_by_side
+from warp_rlhf.runners import side_by_side
 
 HERE = Path(__file__).resolve().parent
 BATCH, NEW_TOKENS, MAX_PROMPT_TOKENS, MU, BETA, LR = 16, 24, 16, 0.01, 0.1, 1e-5
@@ -66,9 +66,9 @@ def _config():
 
 def write_prompts(path: Path) -> None:
     """The embedded RL prompts, as the pipeline splits them, into a JSON file."""
-    from warp_rlhf import assets
-    from warp_rlhf.data import load_reviews, split_reviews
-    from warp_rlhf.models import load_tokenizer
+    from warp_rlhf.stages import assets
+    from warp_rlhf.stages.data import load_reviews, split_reviews
+    from warp_rlhf.stages.models import load_tokenizer
 
     config = _config()
     tokenizer = load_tokenizer(assets.resolve_policy(config), padding_side="left")
@@ -78,9 +78,9 @@ def write_prompts(path: Path) -> None:
 def _embedded():
     import torch
 
-    from warp_rlhf import assets
-    from warp_rlhf.models import load_causal_lm, load_tokenizer
-    from warp_rlhf.reward import RewardModel
+    from warp_rlhf.stages import assets
+    from warp_rlhf.stages.models import load_causal_lm, load_tokenizer
+    from warp_rlhf.stages.reward import RewardModel
 
     config = _config()
     policy_path = assets.resolve_policy(config)
@@ -132,7 +132,11 @@ def measure_ours(steps: int, run: int | None = None) -> dict:
     """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS.
     `run` m: WARP's run m of the runs side by side (its own seeds); None: one run alone, whose
     matrix products are then also timed alone (`product_seconds`)."""
-    from warp_rlhf.warp import RunSpec, Trainer
+    from warp_rlhf.algorithm.reinforce import RunSpec, Trainer
+    from warp_rlhf.cpu import keep_freed_memory
+    from warp_rlhf.layout import RunFolder
+
+    keep_freed_memory()  # as the CLI and a run's process do at their start
 
     config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
     policy = load_causal_lm(policy_path)
@@ -148,7 +152,8 @@ def measure_ours(steps: int, run: int | None = None) -> dict:
     trainer = Trainer(config, policy, tokenizer, reward, prompts)
     with tempfile.TemporaryDirectory() as folder:
         warmup, taken = _steps_taken(steps, run)
-        trainer.run(RunSpec(1, run or 1, Path(folder), MU), None, taken)  # the real code path, checkpoints included
+        spec = RunSpec(1, run or 1, RunFolder(Path(folder)), MU)
+        trainer.run(spec, None, taken)  # the real code path, checkpoints included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     n_params = sum(p.numel() for p in policy.parameters())
     output_weights = policy.get_output_embeddings().weight.numel()
@@ -191,7 +196,7 @@ def product_seconds(model, tokens: int, completion_tokens: int, repeats: int = 3
     """
     import torch
 
-    from warp_rlhf import gemm
+    from warp_rlhf.cpu import gemm
 
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -315,7 +320,7 @@ def measure_merge(steps: int = 0, run: None = None) -> dict:
     """SLERP of M = 2 SmolLM2-sized policies against one torch.add over the same tensors."""
     import torch
 
-    from warp_rlhf.merge import model_state, slerp_merge
+    from warp_rlhf.algorithm.merge import model_state, slerp_merge
 
     _, policy_path, *_, load_causal_lm = _embedded()
     init = {k: v.detach() for k, v in model_state(load_causal_lm(policy_path)).items()}
@@ -364,7 +369,7 @@ def _child(name: str, steps: int) -> dict:
 
 def _side_by_side(name: str, steps: int) -> list[dict]:
     """`name` measured in RUNS processes at once, each on its share of the cores, as
-    `backend: processes` runs WARP's M runs (`distributed.side_by_side`)."""
+    `backend: processes` runs WARP's M runs (`runners.side_by_side`)."""
     processes, threads = side_by_side(RUNS)
     children = [
         subprocess.Popen(_command(name, steps, run, threads), env=_environment(threads), text=True,

@@ -1,57 +1,22 @@
-"""Tiny random-init models, a tiny word-level tokenizer and synthetic reviews, all on disk.
+"""Fixtures: tiny random-init models, a tiny word-level tokenizer and synthetic reviews, all on disk.
 
 Saved to folders and passed by path, they exercise the same `from_pretrained` /
-`load_dataset` code that hub names go through.
+`load_dataset` code that hub names go through. Shared helpers live in `tests.helpers`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import VOCAB, make_tokenizer, write_reviews_csv
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-POSITIVE_WORDS = ["good", "great", "wonderful", "superb", "lovely", "brilliant"]
-NEGATIVE_WORDS = ["bad", "awful", "terrible", "boring", "dull", "horrible"]
-NEUTRAL_WORDS = ["the", "movie", "film", "was", "plot", "actor", "a", "and", "story", "it", "scene", "is"]
-SPECIALS = ["<pad>", "<unk>", "<eos>", "<cls>"]
-VOCAB = SPECIALS + NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS
-
-
-def make_tokenizer(vocab: list[str] = VOCAB):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", cls_token="<cls>"
-    )
-
-
-def synthetic_review(rng: random.Random, positive: bool, words: int = 12) -> str:
-    """Neutral words with sentiment words of one polarity sprinkled in."""
-    sentiment = POSITIVE_WORDS if positive else NEGATIVE_WORDS
-    return " ".join(rng.choice(sentiment) if rng.random() < 0.35 else rng.choice(NEUTRAL_WORDS) for _ in range(words))
-
-
-def write_reviews_csv(path: Path, n: int, seed: int = 0, labels=(1, 0)) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            positive = i % 2 == 0
-            writer.writerow([synthetic_review(rng, positive) + " <br /><br />the end", labels[0 if positive else 1]])
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -157,3 +157,22 @@ def test_console_script_rejects_liti_rate_above_one(tmp_path):
 def test_saved_config_is_yaml_of_every_field():
     data = yaml.safe_load(dump_config(WarpConfig()))
     assert set(data) == set(WarpConfig.__dataclass_fields__)
+
+
+def test_the_configuration_reference_is_generated_from_the_dataclass():
+    """docs/configuration.md lists every field as the dataclass has it (`make docs` rewrites it)."""
+    from warp_rlhf.config import FIELDS, reference_markdown
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    assert text == reference_markdown(), "docs/configuration.md drifted from WarpConfig: run `make docs`"
+    assert all(f"| `{name}` |" in text for name in FIELDS)
+
+
+def test_every_field_is_a_keyword_field_with_help():
+    import dataclasses
+
+    from warp_rlhf.config import WarpConfig
+
+    for f in dataclasses.fields(WarpConfig):
+        assert f.metadata.get("help"), f.name
+        assert f.default is not dataclasses.MISSING, f.name

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_tokenizer, write_reviews_csv
+from tests.helpers import make_tokenizer, write_reviews_csv
 from warp_rlhf.cli import main
-from warp_rlhf.models import load_tokenizer
+from warp_rlhf.stages.models import load_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -83,9 +83,10 @@ def test_a_tokenizer_without_pad_token_gets_its_eos(tmp_path):
 
 
 def test_non_finite_policy_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_policy, tmp_path):
-    from tests.test_warp import PROMPTS, good_fraction, tiny_config
-    from warp_rlhf.models import load_causal_lm
-    from warp_rlhf.warp import TrainingError, train_warp
+    from tests.helpers import PROMPTS, good_fraction, tiny_config
+    from warp_rlhf.algorithm.reinforce import RunSpec, Trainer, TrainingError
+    from warp_rlhf.layout import RunFolder
+    from warp_rlhf.stages.models import load_causal_lm
 
     policy = load_causal_lm(str(tiny_policy))
     config = tiny_config(tmp_path, iterations=1, runs=1, steps=6, checkpoint_every=2)
@@ -98,13 +99,15 @@ def test_non_finite_policy_stops_with_a_clear_message_and_keeps_the_checkpoint(t
                 next(policy.parameters()).fill_(float("nan"))
         return good_fraction(prompts, completions)
 
-    with pytest.raises(TrainingError, match="iter 1 run 1 step [34]: the (loss|policy's probabilities) .*not finite"):
-        train_warp(config, policy, make_tokenizer(), poisoned, PROMPTS, tmp_path)
-    assert (tmp_path / "iter_1" / "run_1" / "checkpoint" / "state.json").exists()
+    trainer = Trainer(config, policy, make_tokenizer(), poisoned, PROMPTS)
+    folder = RunFolder(tmp_path / "iter_1" / "run_1")
+    with pytest.raises(TrainingError, match="iter 1 run 1 step 3: the loss is not finite"):
+        trainer.run(RunSpec(1, 1, folder, config.ema_rate), None, config.steps)
+    assert (folder.checkpoint / "state.json").exists()
 
 
 def test_no_pickle_and_no_remote_code_by_default():
-    source = "\n".join(p.read_text() for p in (SRC / "warp_rlhf").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (SRC / "warp_rlhf").rglob("*.py"))
     assert "torch.load(" not in source and "import pickle" not in source
     from warp_rlhf.config import WarpConfig
 

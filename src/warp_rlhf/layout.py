@@ -1,0 +1,110 @@
+"""Every path of an output folder, named once.
+
+    output_dir/
+      config.yaml                  the resolved config
+      data/splits.json             reward pairs, RL prompts, held-out prompts
+      reward_model/                the Bradley–Terry reward model (+ metrics.json)
+      iter_<i>/init.safetensors    θ_init of iteration i
+      iter_<i>/run_<m>/            one REINFORCE run (`RunFolder`)
+      iter_<i>/slerp.safetensors   θ_slerp^i
+      final/                       θ_slerp^I, `save_pretrained`
+      reinforce/                   the REINFORCE baseline (`RunFolder`), its final/ inside
+      eval/                        results, completions, plots; eval/policies/<name>.json
+      report.md, timings.json
+
+It sits at the package's top, not under `stages/`, because the algorithm writes run folders
+and merges and must not import the stages above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One REINFORCE run's files. `done.json` is written last: a run is finished when it exists."""
+
+    path: Path
+
+    @property
+    def done(self) -> Path:
+        return self.path / "done.json"
+
+    @property
+    def policy(self) -> Path:
+        return self.path / "policy.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    def snapshot(self, step: int) -> Path:
+        """The policy after `step` steps, kept for the baseline's trajectory."""
+        return self.path / f"step_{step}.safetensors"
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """The paths of one output folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "data" / "splits.json"
+
+    @property
+    def reward_model(self) -> Path:
+        return self.root / "reward_model"
+
+    def iteration(self, i: int) -> Path:
+        return self.root / f"iter_{i}"
+
+    def init(self, i: int) -> Path:
+        """θ_init of iteration i (θ_sft for i = 1, the previous LITI point after)."""
+        return self.iteration(i) / "init.safetensors"
+
+    def slerp(self, i: int) -> Path:
+        return self.iteration(i) / "slerp.safetensors"
+
+    def run(self, i: int, m: int) -> RunFolder:
+        return RunFolder(self.iteration(i) / f"run_{m}")
+
+    @property
+    def final(self) -> Path:
+        """θ_slerp^I as a `from_pretrained` folder."""
+        return self.root / "final"
+
+    @property
+    def baseline(self) -> RunFolder:
+        return RunFolder(self.root / "reinforce")
+
+    @property
+    def baseline_final(self) -> Path:
+        return self.baseline.path / "final"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def evaluated(self, policy: str) -> Path:
+        """One evaluated policy's per-prompt values, kept so an interrupted evaluation resumes."""
+        return self.eval / "policies" / f"{policy}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"

@@ -1,0 +1,59 @@
+"""Sampling completions: y ~ π_θ(·|x) with temperature τ, top_k = 0, top_p = 1, stopping at EOS
+or after L new tokens (paper Algorithm 1; DESIGN: no greedy decoding, no truncation)."""
+
+from __future__ import annotations
+
+import torch
+
+from warp_rlhf import cpu
+from warp_rlhf.policy.rollout import Rollout, build_rollout, eos_ids
+
+
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
+
+    The same distribution as `torch.multinomial`, which draws an exponential for every
+    vocabulary entry; this needs one cumulative sum.
+    """
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    u = torch.rand(logits.shape[0], 1, device=logits.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False
+) -> Rollout | tuple[Rollout, torch.Tensor]:
+    """Sample one completion per prompt (uses the global torch RNG: seed it first).
+
+    A prefill of the prompts, then a KV-cache decode loop: softmax(logits / τ) over the whole
+    vocabulary, stopping when every row has emitted EOS or after L tokens. The prefill is packed
+    without padding and the decode step written out where the CPU fast paths reproduce the
+    model's own logits (`warp_rlhf.cpu`). With `with_logits`, also returns the logits / τ of
+    every completion position, shape (B, L, V), taken from generation itself (no second forward).
+    """
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    eos = eos_ids(tokenizer, model)
+    eos_tensor = torch.tensor(eos, device=device)
+    packed, lean = cpu.prefill_packs_exactly(model), cpu.decodes_exactly(model)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens, scaled_logits = [], []
+    with cpu.onednn_linears(model, rows=len(prompts)) as weights:
+        cache, logits = cpu.prefill(model, prompt_ids, prompt_mask, packed=packed)
+        step = cpu.decoder(model, weights, cache, prompt_mask, max_new_tokens, lean=lean)
+        del cache  # the decoder holds what it needs
+        for index in range(max_new_tokens):
+            scaled = logits.float() / temperature
+            token = torch.where(finished, eos_tensor[0], sample_categorical(scaled))
+            tokens.append(token)
+            if with_logits:
+                scaled_logits.append(scaled)
+            finished |= torch.isin(token, eos_tensor)
+            if finished.all() or index == max_new_tokens - 1:
+                break
+            logits = step(token)
+    result = build_rollout(prompt_ids, prompt_mask, torch.stack(tokens, dim=1), eos)
+    return (result, torch.stack(scaled_logits, dim=1)) if with_logits else result

@@ -1,0 +1,152 @@
+"""Reviews → cleaned texts with binary labels → disjoint splits, prompts and preference pairs.
+
+Splits (all disjoint, cut after a seeded shuffle of de-duplicated reviews):
+reward-model train pairs, reward-model eval pairs, RL prompts, held-out eval prompts.
+A pair is (chosen = a positive review, rejected = a negative review), matched at random.
+Prompts are the first k policy tokens of a review, k uniform in
+[prompt_min_tokens, prompt_max_tokens]. Reward-model texts are cut to k + max_new_tokens
+policy tokens, the length of what the policy will write, so the reward model judges texts
+shaped like the completions it will score.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from warp_rlhf.config import EMBEDDED, WarpConfig
+from warp_rlhf.errors import DataError
+from warp_rlhf.stages import assets
+
+_LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_POSITIVE = {1, "1", "pos", "positive"}
+_NEGATIVE = {0, "0", "neg", "negative"}
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass
+class Reviews:
+    texts: list[str]
+    labels: list[int]  # 1 positive, 0 negative
+
+
+@dataclass
+class Splits:
+    reward_train: list[tuple[str, str]]  # (chosen, rejected)
+    reward_eval: list[tuple[str, str]]
+    rl_prompts: list[str]
+    eval_prompts: list[str]
+
+
+def clean(text: str) -> str:
+    """Replace HTML line breaks (IMDB's raw `<br />`) and collapse whitespace."""
+    return _SPACES.sub(" ", _BREAK.sub(" ", text)).strip()
+
+
+def _load_table(config: WarpConfig):
+    from datasets import load_dataset
+
+    if config.dataset == EMBEDDED:
+        table = load_dataset("csv", data_files=str(assets.reviews_csv()), split="train")
+        return table.filter(lambda source: source == "imdb", input_columns="source")
+    path = Path(config.dataset)
+    if path.is_file():
+        kind = _LOCAL_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"dataset {path} has unknown format '{path.suffix}': use .csv, .jsonl, .json or .parquet")
+        extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        return load_dataset(kind, data_files=str(path), split="train", **extra)
+    if path.is_dir():
+        return load_dataset(str(path), split=config.dataset_split)
+    if config.dataset.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_FORMATS:
+        raise DataError(f"dataset {config.dataset} does not exist")
+    return load_dataset(config.dataset, split=config.dataset_split)
+
+
+def _binary(value) -> int:
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if value in _POSITIVE:
+        return 1
+    if value in _NEGATIVE:
+        return 0
+    raise DataError(f"label {value!r} is not binary: use 1/0, pos/neg or positive/negative")
+
+
+def load_reviews(config: WarpConfig) -> Reviews:
+    """Load, clean and de-duplicate the reviews; labels become 1 (positive) / 0 (negative)."""
+    try:
+        table = _load_table(config)
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "corresponds to no data" in reason:
+            reason = "it holds no rows"
+        raise DataError(f"dataset {config.dataset} cannot be loaded: {reason}") from None
+    for column in (config.text_column, config.label_column):
+        if column not in table.column_names:
+            raise DataError(
+                f"dataset {config.dataset} has no column '{column}' (columns: {', '.join(table.column_names)})"
+            )
+    texts, labels, seen = [], [], set()
+    for text, label in zip(table[config.text_column], table[config.label_column], strict=True):
+        text = clean(text or "")
+        if text and text not in seen:
+            seen.add(text)
+            texts.append(text)
+            labels.append(_binary(label))
+    if not texts:
+        raise DataError(f"dataset {config.dataset} holds no non-empty reviews")
+    if len(set(labels)) < 2:
+        raise DataError(f"dataset {config.dataset} has only one class (label {labels[0]}): need both")
+    return Reviews(texts, labels)
+
+
+def first_tokens(texts: list[str], tokenizer, lengths: list[int]) -> list[str]:
+    """The first `lengths[i]` tokens of each text, decoded back to a string."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths, strict=True)]
+
+
+def split_reviews(reviews: Reviews, config: WarpConfig, tokenizer) -> Splits:
+    """Cut the disjoint splits; `tokenizer` is the policy's (prompt lengths are in its tokens)."""
+    rng = random.Random(config.seed)
+    positive = [i for i, label in enumerate(reviews.labels) if label == 1]
+    negative = [i for i, label in enumerate(reviews.labels) if label == 0]
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    n_train, n_eval = config.reward_train_pairs, config.reward_eval_pairs
+    per_class = n_train + n_eval
+    rest = positive[per_class:] + negative[per_class:]
+    rng.shuffle(rest)
+    n_prompts = config.rl_prompts + config.eval_prompts
+    if min(len(positive), len(negative)) < per_class or len(rest) < n_prompts:
+        raise DataError(
+            f"dataset {config.dataset} has {len(positive)} positive and {len(negative)} negative reviews: "
+            f"too few for {n_train}+{n_eval} pairs (each class) plus {n_prompts} prompts"
+        )
+
+    def prompt_lengths(n: int) -> list[int]:
+        return [rng.randint(config.prompt_min_tokens, config.prompt_max_tokens) for _ in range(n)]
+
+    def pairs(lo: int, hi: int) -> list[tuple[str, str]]:
+        chosen = [reviews.texts[i] for i in positive[lo:hi]]
+        rejected = [reviews.texts[i] for i in negative[lo:hi]]
+        size = hi - lo
+        chosen = first_tokens(chosen, tokenizer, [k + config.max_new_tokens for k in prompt_lengths(size)])
+        rejected = first_tokens(rejected, tokenizer, [k + config.max_new_tokens for k in prompt_lengths(size)])
+        return list(zip(chosen, rejected, strict=True))
+
+    def prompts(indices: list[int]) -> list[str]:
+        return first_tokens([reviews.texts[i] for i in indices], tokenizer, prompt_lengths(len(indices)))
+
+    return Splits(
+        reward_train=pairs(0, n_train),
+        reward_eval=pairs(n_train, per_class),
+        rl_prompts=prompts(rest[: config.rl_prompts]),
+        eval_prompts=prompts(rest[config.rl_prompts : n_prompts]),
+    )

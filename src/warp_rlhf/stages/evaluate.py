@@ -1,0 +1,136 @@
+"""Evaluation on held-out prompts: reward, judge, and KL(π ‖ π_sft) with standard errors (DESIGN §3).
+
+Every policy is sampled on the same prompts with the same seeds. For each completion y ~ π:
+- k1            = Σ_t [log π(y_t|·) − log π_sft(y_t|·)]                 (unbiased, can be < 0)
+- exact-per-token = Σ_t KL(π(·|x, y_<t) ‖ π_sft(·|x, y_<t)) over the vocabulary (unbiased, ≥ 0)
+Both use the sampling distribution softmax(logits / τ); the policy's logits are those of
+generation itself, the SFT policy's come from one forward. Standard errors are std / sqrt(n)
+(sample std, ddof = 1) over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from warp_rlhf import policy as pi
+from warp_rlhf.algorithm.reinforce import derived_seed
+
+EVAL_BATCH = 50
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Sample mean and its standard error std(ddof=1)/sqrt(n) (0 for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def token_kl(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t KL(softmax(logits_t) ‖ softmax(reference_t)) over masked positions, shape (B,)."""
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(reference_logits, -1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return (per_token * mask).sum(-1)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams / all word n-grams over the completions."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class Samples:
+    """Per-prompt values of one policy."""
+
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+    judge: list[float] = field(default_factory=list)
+    kl_k1: list[float] = field(default_factory=list)
+    kl_exact: list[float] = field(default_factory=list)
+    length: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {"n_prompts": len(self.prompts)}
+        for name in ("reward", "judge", "kl_k1", "kl_exact", "length"):
+            out[f"{name}_mean"], out[f"{name}_se"] = mean_and_se(getattr(self, name))
+        out["distinct_1"] = distinct_n(self.completions, 1)
+        out["distinct_2"] = distinct_n(self.completions, 2)
+        return out
+
+
+@torch.no_grad()
+def sample_policy(
+    policy,
+    sft,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    reward: Callable[[list[str], list[str]], torch.Tensor],
+    judge: Callable[[list[str]], list[float]],
+    batch_size: int = EVAL_BATCH,
+) -> Samples:
+    """Sample one completion per prompt from `policy` and score it against `sft` (may be `policy`)."""
+    samples = Samples()
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        torch.manual_seed(derived_seed(seed, "eval", index))  # the same seeds for every policy
+        batch, logits = pi.sample(
+            policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens, with_logits=True
+        )  # the policy's logits come from generation itself: no second forward
+        reference = logits if sft is policy else pi.token_logits(sft, batch, temperature)
+        k1 = pi.sequence_logprobs(logits, batch) - pi.sequence_logprobs(reference, batch)
+        exact = token_kl(logits, reference, batch.completion_mask)
+        completions = pi.decode(tokenizer, batch)
+        samples.prompts += chunk
+        samples.completions += completions
+        samples.reward += reward(chunk, completions).tolist()
+        samples.judge += judge([p + c for p, c in zip(chunk, completions, strict=True)])
+        samples.kl_k1 += k1.tolist()
+        samples.kl_exact += exact.tolist()
+        samples.length += batch.completion_lengths.float().tolist()
+    return samples
+
+
+SUMMARY_COLUMNS = [
+    "reward_mean", "reward_se", "judge_mean", "judge_se", "kl_k1_mean", "kl_k1_se", "kl_exact_mean",
+    "kl_exact_se", "length_mean", "distinct_1", "distinct_2", "n_prompts",
+]  # fmt: skip
+
+
+def write_results(evaluated: dict[str, tuple[dict, Samples]], folder, out) -> dict:
+    """eval/results.json, results.csv, completions.jsonl and the plots; returns the results."""
+    import csv
+    import io
+    import json
+
+    from warp_rlhf.checkpoint import write_json, write_text
+    from warp_rlhf.stages.plots import plot_results
+
+    policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
+    results = {"policies": policies, "kl_in_plots": "kl_exact (exact-per-token estimator)"}
+    write_json(folder / "results.json", results)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["policy", "kind", *SUMMARY_COLUMNS])
+    for name, row in policies.items():
+        writer.writerow([name, row["kind"], *(row[c] for c in SUMMARY_COLUMNS)])
+    write_text(folder / "results.csv", table.getvalue())
+    lines = [
+        json.dumps({"policy": name, "prompt": p, "completion": c, "reward": r, "judge": j})
+        for name, (_, s) in evaluated.items()
+        for p, c, r, j in zip(s.prompts, s.completions, s.reward, s.judge, strict=True)
+    ]
+    write_text(folder / "completions.jsonl", "\n".join(lines) + "\n")
+    plot_results(policies, folder, out)
+    return results

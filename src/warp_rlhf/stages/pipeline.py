@@ -1,0 +1,248 @@
+"""The stages of a run over one output folder; each reuses what an earlier call finished.
+
+    reward_stage    the Bradley–Terry reward model (`reward`) from the data's preference pairs
+    train_stage     WARP (`algorithm.warp`) or the REINFORCE baseline (`algorithm.baseline`) → final/
+    evaluate_stage  every policy found in the folder on held-out prompts (`evaluate`) → eval/, report.md
+
+The folder's paths are named in `warp_rlhf.layout`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from warp_rlhf.algorithm.baseline import train_reinforce, trajectory_files
+from warp_rlhf.algorithm.merge import State, copy_into, lerp, model_state
+from warp_rlhf.algorithm.reinforce import Trainer
+from warp_rlhf.algorithm.warp import train_warp
+from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, remove_temporaries, write_json, write_text
+from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
+from warp_rlhf.errors import ConfigError, ModelError
+from warp_rlhf.layout import OutputDir
+from warp_rlhf.runners import RunJob, make_runner
+from warp_rlhf.stages import assets
+from warp_rlhf.stages.data import Splits, load_reviews, split_reviews
+from warp_rlhf.stages.evaluate import Samples, sample_policy, write_results
+from warp_rlhf.stages.models import context_window, load_causal_lm, load_tokenizer, model_config
+from warp_rlhf.stages.report import timed, write_report
+from warp_rlhf.stages.reward import METRICS_FILE, RewardModel, judge_scores, train_reward_model
+
+SHARED_FIELDS = {"method"}
+"""Fields that may differ between calls on one folder: WARP and its baseline share a folder."""
+
+
+def check_models(config: WarpConfig) -> None:
+    """Fail early, before anything is written, on models that cannot serve their role."""
+    policy = model_config(assets.resolve_policy(config), "policy", trust_remote_code=config.trust_remote_code)
+    architectures = getattr(policy, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelError(f"policy {config.policy} is a {architectures[0]}, not a causal language model")
+    window, needed = context_window(policy), config.prompt_max_tokens + config.max_new_tokens
+    if window is not None and needed > window:
+        raise ConfigError(
+            f"prompt_max_tokens + max_new_tokens = {needed} is out of range: the policy's context window is {window}"
+        )
+    backbone = model_config(assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code)
+    heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    if heads and backbone.num_labels != 1:
+        raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
+
+
+def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
+    """Check the models, then claim `output_dir` for this config (refusing a folder of another run)."""
+    check_models(config)
+    out = Path(config.output_dir)
+    saved = OutputDir(out).config
+    if saved.exists() and not overwrite:
+        previous = read_yaml(saved)
+        changed = [
+            name
+            for name, value in config_to_dict(config).items()
+            if previous.get(name) != value and name not in SHARED_FIELDS
+        ]
+        if changed:
+            name = changed[0]
+            raise ConfigError(
+                f"output_dir {out} holds a run with a different config ({name}: {previous.get(name)!r} → "
+                f"{getattr(config, name)!r}); pass --overwrite or choose another output_dir"
+            )
+    try:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)
+        write_text(saved, dump_config(config))
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} cannot be written: {error.strerror or error}") from None
+    return out
+
+
+def policy_tokenizer(config: WarpConfig):
+    return load_tokenizer(assets.resolve_policy(config), trust_remote_code=config.trust_remote_code)
+
+
+def load_splits(config: WarpConfig, out: Path) -> Splits:
+    """The run's data splits, cut once and kept in `data/splits.json`."""
+    path = OutputDir(out).splits
+    if path.exists():
+        return Splits(**{k: [tuple(p) if isinstance(p, list) else p for p in v] for k, v in read_json(path).items()})
+    splits = split_reviews(load_reviews(config), config, policy_tokenizer(config))
+    write_json(path, dataclasses.asdict(splits))
+    return splits
+
+
+def reward_stage(config: WarpConfig, out: Path) -> dict:
+    """Train the reward model unless `reward_model/` is already complete; return its metrics."""
+    folder = OutputDir(out).reward_model
+    if (folder / METRICS_FILE).exists():
+        return read_json(folder / METRICS_FILE) | {"reused": True}
+    splits = load_splits(config, out)
+    with timed(out, "reward model"):
+        return train_reward_model(
+            config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, folder
+        )
+
+
+def reward_function(reward: RewardModel):
+    """r(x, y) = the reward model's score of the prompt followed by its completion."""
+
+    def score(prompts: list[str], completions: list[str]):
+        return reward.score([p + c for p, c in zip(prompts, completions, strict=True)])
+
+    return score
+
+
+def trainer_from_folders(config: WarpConfig, policy_path: str, reward_path: str, prompts: list[str]) -> Trainer:
+    """A `Trainer` rebuilt from the policy's and the reward model's folders (a run's own process)."""
+    device = config.torch_device
+    policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
+    tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    reward = reward_function(RewardModel.from_pretrained(reward_path, device=device))
+    return Trainer(config, policy, tokenizer, reward, prompts)
+
+
+def _stage_inputs(config: WarpConfig, out: Path):
+    """(SFT policy on its device, its tokenizer, r(x, y), splits), training the reward model if needed."""
+    reward_stage(config, out)
+    splits = load_splits(config, out)
+    device = config.torch_device
+    policy_path = assets.resolve_policy(config)
+    policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
+    tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    reward = RewardModel.from_pretrained(OutputDir(out).reward_model, device=device)
+    return policy, tokenizer, reward_function(reward), splits
+
+
+def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
+    """Train `config.method` (WARP, or the REINFORCE baseline); return its final policy folder."""
+    paths, warp = OutputDir(out), config.method == "warp"
+    final = paths.final if warp else paths.baseline_final
+    if (final / "config.json").exists():
+        return final
+    started = any(out.glob("iter_*")) if warp else paths.baseline.path.exists()
+    if started and not resume:
+        raise ConfigError(
+            f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
+        )
+    policy, tokenizer, reward, splits = _stage_inputs(config, out)
+    with timed(out, f"train {config.method}"):
+        trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts) if config.backend == "local" else None
+        if warp:
+            factory = functools.partial(
+                trainer_from_folders, config, assets.resolve_policy(config), str(paths.reward_model.resolve()),
+                splits.rl_prompts,
+            )  # fmt: skip
+            runner = make_runner(config.backend, RunJob(config, factory), trainer)
+            merged, summaries = train_warp(config, model_state(policy), paths, runner)
+            metrics: dict = {"iterations": summaries}
+        else:
+            trainer = trainer or Trainer(config, policy, tokenizer, reward, splits.rl_prompts)
+            trajectory = train_reinforce(trainer, paths.baseline)
+            merged = load_tensors(trajectory[-1][1])
+            metrics = read_json(paths.baseline.done)
+        save_policy(policy, tokenizer, merged, final, config, metrics)
+    return final
+
+
+def save_policy(policy, tokenizer, state: State, folder: Path, config: WarpConfig, metrics: dict) -> None:
+    """`save_pretrained` of the policy with `state`, its tokenizer and a model card, atomically."""
+    copy_into(policy, {name: t.to(next(policy.parameters()).device) for name, t in state.items()})
+    with atomic_dir(folder) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_metrics.json", metrics)
+        (tmp / "README.md").write_text(model_card(config, metrics))
+
+
+def model_card(config: WarpConfig, metrics: dict) -> str:
+    return (
+        "---\nlibrary_name: transformers\ntags: [warp, rlhf, reinforce]\n---\n\n"
+        "# WARP policy\n\n"
+        "Trained with [warp-rlhf](https://arxiv.org/abs/2406.16768): Weight Averaged Rewarded Policies "
+        f"(I={config.iterations}, M={config.runs}, T={config.steps}, μ={config.ema_rate}, "
+        f"λ={config.resolved_slerp_lambda:g}, η={config.liti_rate}, β={config.beta}).\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\n```\n\n"
+        f"## Config\n\n```yaml\n{dump_config(config)}```\n\n"
+        f"## Training metrics\n\n```json\n{json.dumps(metrics, indent=2)}\n```\n"
+    )
+
+
+def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
+    """(name, description, weights) of every policy to evaluate: SFT, the LITI front of the WARP
+    policy (ν = 1 is `warp`), WARP's earlier iterations θ_slerp^i, and the baseline's trajectory."""
+    paths = OutputDir(out)
+    points: list[tuple[str, dict, Callable[[], State]]] = [("sft", {"kind": "sft", "nu": 0.0}, lambda: sft)]
+    if (paths.final / "config.json").exists():
+        warp = {
+            k: v.to(next(iter(sft.values())).device) for k, v in model_state(load_causal_lm(str(paths.final))).items()
+        }
+        for index in range(1, config.front_points):
+            nu = round(index / (config.front_points - 1), 4)
+            name = "warp" if index == config.front_points - 1 else f"liti_{nu:g}"
+            points.append((name, {"kind": "liti", "nu": nu}, lambda nu=nu: {k: lerp(sft[k], warp[k], nu) for k in sft}))
+        for i in range(1, config.iterations):
+            path = paths.slerp(i)
+            points.append((f"iter_{i}", {"kind": "iteration", "iteration": i}, lambda p=path: load_tensors(p)))
+    if paths.baseline.done.exists():
+        for step, path in trajectory_files(config, paths.baseline):
+            points.append((f"reinforce_{step}", {"kind": "reinforce", "step": step}, lambda p=path: load_tensors(p)))
+    return points
+
+
+def evaluate_stage(config: WarpConfig, out: Path) -> dict:
+    """Evaluate every available policy on the held-out prompts; write eval/ and report.md."""
+    paths = OutputDir(out)
+    sft_model, tokenizer, reward, splits = _stage_inputs(config, out)
+    sft_model.eval()
+    device = next(sft_model.parameters()).device
+    policy = copy.deepcopy(sft_model)
+    sft = {k: v.detach().clone() for k, v in model_state(sft_model).items()}
+    evaluated = {}
+    with timed(out, "evaluate"):
+        for name, meta, weights in tqdm(evaluation_points(config, out, sft), desc="Evaluating policies", unit="policy"):
+            cached = paths.evaluated(name)
+            if cached.exists():
+                saved = read_json(cached)
+                evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
+                continue
+            evaluated_model = sft_model if name == "sft" else policy  # the SFT policy's KL is 0 by definition
+            if name != "sft":
+                copy_into(policy, {k: v.to(device) for k, v in weights().items()})
+            samples = sample_policy(
+                evaluated_model, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
+            )  # fmt: skip
+            write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
+            evaluated[name] = (meta, samples)
+    results = write_results(evaluated, paths.eval, out)
+    write_report(out, dump_config(config), results)
+    return results

@@ -1,0 +1,94 @@
+"""Figures: reward and judge against KL to the SFT policy (like the paper's Fig. 1), and
+per-run training curves. KL on the x-axis is the exact-per-token estimator, in nats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from warp_rlhf.checkpoint import atomic_file  # noqa: E402
+
+
+def save_figure(figure, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _points(policies: dict, kind: str, metric: str) -> tuple[list, list, list, list, list]:
+    rows = [(name, row) for name, row in policies.items() if row["kind"] == kind]
+    return (
+        [r["kl_exact_mean"] for _, r in rows],
+        [r[f"{metric}_mean"] for _, r in rows],
+        [r["kl_exact_se"] for _, r in rows],
+        [r[f"{metric}_se"] for _, r in rows],
+        [name for name, _ in rows],
+    )
+
+
+def front_figure(policies: dict, metric: str, label: str):
+    """`metric` against KL(π ‖ π_sft): SFT, the WARP LITI front, WARP iterations, the baseline.
+
+    The LITI front and the baseline's trajectory both start at the SFT point (ν = 0, step 0).
+    """
+    figure, axes = plt.subplots(figsize=(6.4, 4.6))
+    styles = {
+        "liti": dict(fmt="-o", color="tab:red", label="WARP LITI front (1−ν)θ_sft + νθ_slerp"),
+        "iteration": dict(fmt="s", color="tab:orange", label="WARP θ_slerp per iteration"),
+        "reinforce": dict(fmt="--^", color="tab:blue", label="REINFORCE, SFT anchor (trajectory)"),
+        "sft": dict(fmt="*", color="black", markersize=14, label="SFT policy"),
+    }
+    sft = policies.get("sft")
+    for kind, style in styles.items():
+        x, y, xerr, yerr, names = _points(policies, kind, metric)
+        if kind in {"liti", "reinforce"} and sft and x:
+            start = "ν=0" if kind == "liti" else "step 0"
+            x, y = [sft["kl_exact_mean"], *x], [sft[f"{metric}_mean"], *y]
+            xerr, yerr, names = [sft["kl_exact_se"], *xerr], [sft[f"{metric}_se"], *yerr], [start, *names]
+        if x:
+            axes.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, **style)
+        if kind != "sft":
+            for xi, yi, name in zip(x, y, names, strict=True):
+                tag = name.replace("liti_", "ν=").replace("reinforce_", "step ").replace("iter_", "iteration ")
+                axes.annotate(tag, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    axes.set_xlabel("KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)")
+    axes.set_ylabel(label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    return figure
+
+
+def plot_front(policies: dict, metric: str, label: str, path: Path) -> None:
+    save_figure(front_figure(policies, metric, label), path)
+
+
+def plot_training_curves(out: Path, path: Path) -> None:
+    """Reward and KL to the anchor over steps, one line per run (and the baseline)."""
+    logs = sorted(out.glob("iter_*/run_*/metrics.jsonl")) + sorted(out.glob("reinforce/metrics.jsonl"))
+    if not logs:
+        return
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    for log in logs:
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        name = "REINFORCE baseline" if log.parent.name == "reinforce" else f"{log.parent.parent.name} {log.parent.name}"
+        steps = [r["step"] for r in rows]
+        top.plot(steps, [r["reward_mean"] for r in rows], label=name)
+        bottom.plot(steps, [r["kl_to_anchor"] for r in rows], label=name)
+    top.set_ylabel("mean reward-model score")
+    bottom.set_ylabel("KL to anchor, k1 (nats)")
+    bottom.set_xlabel("step within the run")
+    for axes in (top, bottom):
+        axes.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_results(policies: dict, folder: Path, out: Path) -> None:
+    plot_front(policies, "reward", "mean reward-model score", folder / "reward_vs_kl.png")
+    plot_front(policies, "judge", "mean VADER compound score (judge)", folder / "judge_vs_kl.png")
+    plot_training_curves(out, folder / "training_curves.png")

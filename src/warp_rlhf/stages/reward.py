@@ -1,0 +1,148 @@
+"""The reward r(x, y): a Bradley–Terry reward model, and the independent VADER judge.
+
+Training minimises −log σ(r(chosen) − r(rejected)) over (positive, negative) review pairs
+with TRL's `RewardTrainer` (pre-tokenised pairs, since TRL appends an EOS token that BERT
+tokenizers lack). The held-out metric is pairwise accuracy: P[r(chosen) > r(rejected)].
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from warp_rlhf.checkpoint import atomic_dir, write_json
+from warp_rlhf.config import WarpConfig
+from warp_rlhf.errors import ModelError
+from warp_rlhf.stages.models import load_tokenizer, loading
+
+METRICS_FILE = "metrics.json"
+
+
+class RewardModel:
+    """Scores texts with a sequence-classification model that has one output."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        if model.config.num_labels != 1:
+            raise ModelError(f"reward model gives {model.config.num_labels} scores per text, not 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = min(tokenizer.model_max_length, 512)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", trust_remote_code: bool = False):
+        from transformers import AutoModelForSequenceClassification
+
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        with loading(str(path), "reward model"):
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return cls(model.to(device), tokenizer)
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> torch.Tensor:
+        """r(text) for each text, as a float32 CPU tensor."""
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores) if scores else torch.empty(0)
+
+
+def pairwise_accuracy(reward: RewardModel, pairs: list[tuple[str, str]]) -> float:
+    """Fraction of pairs where the chosen text scores strictly above the rejected one."""
+    chosen, rejected = zip(*pairs, strict=True)
+    return (reward.score(list(chosen)) > reward.score(list(rejected))).float().mean().item()
+
+
+def judge_scores(texts: list[str]) -> list[float]:
+    """The independent judge: VADER's compound sentiment score in [−1, 1]."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in texts]
+
+
+def train_reward_model(
+    config: WarpConfig,
+    backbone: str,
+    train_pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]],
+    output: Path,
+) -> dict:
+    """Train a Bradley–Terry reward model and save it (model, tokenizer, metrics) to `output`.
+
+    The folder appears only when complete; its `metrics.json` holds held-out pairwise accuracy.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    started = time.perf_counter()
+    set_seed(config.seed)  # the new score head is initialised from the global RNG
+    tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "newly initialised head" for the score layer
+    try:
+        with loading(backbone, "reward_model"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                backbone, num_labels=1, trust_remote_code=config.trust_remote_code
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(tokenizer.model_max_length, 512)
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    chosen, rejected = (list(column) for column in zip(*train_pairs, strict=True))
+    dataset = Dataset.from_dict({"chosen_ids": ids(chosen), "rejected_ids": ids(rejected)})
+    use_cpu = not torch.cuda.is_available()
+    with atomic_dir(output) as tmp:
+        args = RewardConfig(
+            output_dir=str(tmp / "trainer"),
+            num_train_epochs=config.reward_epochs,
+            per_device_train_batch_size=config.reward_batch_size,
+            learning_rate=config.reward_learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=0.05,
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=use_cpu,
+            bf16=False,
+            activation_checkpointing=False,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=25,
+            max_length=None,
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        result = trainer.train()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        scorer = RewardModel(trainer.model.eval(), tokenizer)
+        metrics = {
+            "eval_pairwise_accuracy": pairwise_accuracy(scorer, eval_pairs),
+            "train_pairwise_accuracy_sample": pairwise_accuracy(scorer, train_pairs[: len(eval_pairs)]),
+            "train_loss": result.training_loss,
+            "train_pairs": len(train_pairs),
+            "eval_pairs": len(eval_pairs),
+            "backbone": backbone,
+            "seconds": time.perf_counter() - started,
+        }
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / METRICS_FILE, metrics)
+    return metrics

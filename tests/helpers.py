@@ -1,0 +1,108 @@
+"""Helpers shared by the tests: a tiny tokenizer and reviews, a reward, configs, and hand math."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from warp_rlhf.algorithm.merge import model_state
+from warp_rlhf.algorithm.reinforce import Trainer
+from warp_rlhf.algorithm.warp import train_warp
+from warp_rlhf.config import WarpConfig
+from warp_rlhf.layout import OutputDir
+from warp_rlhf.runners import RunJob, make_runner
+from warp_rlhf.stages.models import load_causal_lm
+
+POSITIVE_WORDS = ["good", "great", "wonderful", "superb", "lovely", "brilliant"]
+NEGATIVE_WORDS = ["bad", "awful", "terrible", "boring", "dull", "horrible"]
+NEUTRAL_WORDS = ["the", "movie", "film", "was", "plot", "actor", "a", "and", "story", "it", "scene", "is"]
+SPECIALS = ["<pad>", "<unk>", "<eos>", "<cls>"]
+VOCAB = SPECIALS + NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS
+
+
+def make_tokenizer(vocab: list[str] = VOCAB):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", cls_token="<cls>"
+    )
+
+
+def synthetic_review(rng: random.Random, positive: bool, words: int = 12) -> str:
+    """Neutral words with sentiment words of one polarity sprinkled in."""
+    sentiment = POSITIVE_WORDS if positive else NEGATIVE_WORDS
+    return " ".join(rng.choice(sentiment) if rng.random() < 0.35 else rng.choice(NEUTRAL_WORDS) for _ in range(words))
+
+
+def write_reviews_csv(path: Path, n: int, seed: int = 0, labels=(1, 0)) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            positive = i % 2 == 0
+            writer.writerow([synthetic_review(rng, positive) + " <br /><br />the end", labels[0 if positive else 1]])
+    return path
+
+
+PROMPTS = ["the movie", "a film", "the plot was", "it is", "the actor and", "a story", "the scene", "it was"] * 4
+
+
+def good_fraction(prompts, completions):
+    """An easy reward: the fraction of completion words that are 'good'."""
+    return torch.tensor([sum(w == "good" for w in c.split()) / max(1, len(c.split())) for c in completions])
+
+
+def tiny_config(tmp_path, **overrides) -> WarpConfig:
+    values = dict(
+        output_dir=str(tmp_path), iterations=2, runs=2, steps=4, batch_size=4, max_new_tokens=5,
+        learning_rate=3e-3, ema_rate=0.1, beta=0.05, liti_rate=0.5, checkpoint_every=2, seed=0, device="cpu",
+    )  # fmt: skip
+    return WarpConfig(**(values | overrides))
+
+
+def train_tiny_warp(out: Path, policy_path: Path, config: WarpConfig, reward=good_fraction):
+    """WARP on the tiny policy with `backend: local`: ((θ_slerp^I, summaries), the policy)."""
+    policy = load_causal_lm(str(policy_path))
+    trainer = Trainer(config, policy, make_tokenizer(), reward, PROMPTS)
+    runner = make_runner("local", RunJob(config, lambda: trainer), trainer)
+    return train_warp(config, model_state(policy), OutputDir(Path(out)), runner), policy
+
+
+class CapturingSGD:
+    """Optimiser stand-in: records the gradient it is asked to apply, then takes an SGD step."""
+
+    def __init__(self, model, lr: float):
+        self.model, self.param_groups, self.grads = model, [{"lr": lr}], {}
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.sub_(self.param_groups[0]["lr"] * p.grad)
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+class NoSchedule:
+    def step(self):
+        pass
+
+
+def hand_slerp(d1: torch.Tensor, d2: torch.Tensor, lam: float) -> torch.Tensor:
+    """Independent float64 SLERP on flattened vectors."""
+    a, b = d1.double().flatten(), d2.double().flatten()
+    omega = math.acos(max(-1.0, min(1.0, float((a @ b) / (a.norm() * b.norm())))))
+    if math.sin(omega) < 1e-6:  # collinear: the spec's LERP fallback
+        return ((1 - lam) * a + lam * b).reshape(d1.shape).float()
+    out = (math.sin((1 - lam) * omega) * a + math.sin(lam * omega) * b) / math.sin(omega)
+    return out.reshape(d1.shape).float()

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+
+from tests.helpers import NEGATIVE_WORDS, POSITIVE_WORDS, make_tokenizer, write_reviews_csv
+from warp_rlhf.config import WarpConfig
+from warp_rlhf.errors import DataError
+from warp_rlhf.stages.data import clean, load_reviews, split_reviews
+
+SIZES = dict(reward_train_pairs=60, reward_eval_pairs=20, rl_prompts=50, eval_prompts=30)
+
+
+def config_for(path, **extra) -> WarpConfig:
+    return WarpConfig(dataset=str(path), **(SIZES | dict(max_new_tokens=4) | extra))
+
+
+def polarity(text: str) -> set[int]:
+    words = set(text.split())
+    return {label for label, vocab in ((1, POSITIVE_WORDS), (0, NEGATIVE_WORDS)) if words & set(vocab)}
+
+
+def test_clean_removes_html_breaks_and_extra_space():
+    assert clean("Great film.<br /><br />Loved it.<BR>  Really ") == "Great film. Loved it. Really"
+
+
+def test_csv_loads_through_datasets_with_clean_binary_labels(reviews_csv):
+    reviews = load_reviews(config_for(reviews_csv))
+    assert len(reviews.texts) == len(reviews.labels) > 300  # duplicates dropped, most kept
+    assert set(reviews.labels) == {0, 1}
+    assert not any("<br" in text for text in reviews.texts)
+    assert len(set(reviews.texts)) == len(reviews.texts)
+
+
+def test_splits_are_sized_and_deterministic(reviews_csv):
+    config = config_for(reviews_csv)
+    reviews = load_reviews(config)
+    splits = split_reviews(reviews, config, make_tokenizer())
+    assert (len(splits.reward_train), len(splits.reward_eval)) == (60, 20)
+    assert (len(splits.rl_prompts), len(splits.eval_prompts)) == (50, 30)
+    assert split_reviews(reviews, config, make_tokenizer()) == splits
+    other = split_reviews(reviews, config_for(reviews_csv, seed=1), make_tokenizer())
+    assert other.reward_train != splits.reward_train
+
+
+def test_splits_are_disjoint_by_row(reviews_csv):
+    """With unique row markers, every split draws on different rows."""
+    config = config_for(reviews_csv, prompt_min_tokens=1, prompt_max_tokens=1)
+    reviews = load_reviews(config)
+    marked = type(reviews)([f"row{i} {t}" for i, t in enumerate(reviews.texts)], reviews.labels)
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens([f"row{i}" for i in range(len(marked.texts))])
+    splits = split_reviews(marked, config, tokenizer)
+    rows = {
+        "reward_train": {t.split()[0] for pair in splits.reward_train for t in pair},
+        "reward_eval": {t.split()[0] for pair in splits.reward_eval for t in pair},
+        "rl_prompts": {p.split()[0] for p in splits.rl_prompts},
+        "eval_prompts": {p.split()[0] for p in splits.eval_prompts},
+    }
+    assert [len(r) for r in rows.values()] == [120, 40, 50, 30]
+    for a in rows:
+        for b in rows:
+            assert a == b or not rows[a] & rows[b], (a, b)
+
+
+def test_pairs_are_chosen_positive_rejected_negative(reviews_csv):
+    config = config_for(reviews_csv, max_new_tokens=12)
+    splits = split_reviews(load_reviews(config), config, make_tokenizer())
+    for chosen, rejected in splits.reward_train + splits.reward_eval:
+        assert polarity(chosen) <= {1} and polarity(rejected) <= {0}
+    assert sum(polarity(c) == {1} for c, _ in splits.reward_train) > 40
+
+
+def test_prompts_have_the_configured_token_range(reviews_csv):
+    config = config_for(reviews_csv, prompt_min_tokens=2, prompt_max_tokens=4)
+    tokenizer = make_tokenizer()
+    splits = split_reviews(load_reviews(config), config, tokenizer)
+    lengths = {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in splits.eval_prompts}
+    assert lengths <= {2, 3, 4} and len(lengths) > 1
+
+
+def test_reward_texts_are_cut_to_prompt_plus_completion_length(reviews_csv):
+    config = config_for(reviews_csv, prompt_min_tokens=2, prompt_max_tokens=3, max_new_tokens=4)
+    tokenizer = make_tokenizer()
+    splits = split_reviews(load_reviews(config), config, tokenizer)
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for pair in splits.reward_train for t in pair}
+    assert lengths <= {6, 7}
+
+
+def test_jsonl_and_parquet_and_string_labels(tmp_path):
+    from datasets import Dataset
+
+    rows = [
+        {"review": f"the movie was {'good' if i % 2 else 'bad'} {i}", "sentiment": "pos" if i % 2 else "neg"}
+        for i in range(20)
+    ]
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
+    for path in (jsonl, tmp_path / "r.parquet"):
+        reviews = load_reviews(WarpConfig(dataset=str(path), text_column="review", label_column="sentiment"))
+        assert reviews.labels == [i % 2 for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (dict(text_column="review"), "has no column 'review' (columns: text, label)"),
+        (dict(labels=(2, 0)), "label 2 is not binary"),
+        (dict(labels=(1, 1)), "has only one class"),
+        (dict(dataset="missing.csv"), "does not exist"),
+        (dict(rl_prompts=10_000), "too few for"),
+    ],
+)
+def test_bad_data_is_one_clear_error(tmp_path, setup, message):
+    path = write_reviews_csv(tmp_path / "r.csv", 100, labels=setup.pop("labels", (1, 0)))
+    dataset = str(tmp_path / setup.pop("dataset")) if "dataset" in setup else str(path)
+    config = WarpConfig(
+        dataset=dataset, **(dict(reward_train_pairs=10, reward_eval_pairs=5, rl_prompts=5, eval_prompts=5) | setup)
+    )
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        split_reviews(load_reviews(config), config, make_tokenizer())
+    assert "\n" not in str(error.value)
+
+
+def test_empty_csv_is_an_error(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DataError):
+        load_reviews(WarpConfig(dataset=str(path)))
