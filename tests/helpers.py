@@ -106,3 +106,40 @@ def hand_slerp(d1: torch.Tensor, d2: torch.Tensor, lam: float) -> torch.Tensor:
         return ((1 - lam) * a + lam * b).reshape(d1.shape).float()
     out = (math.sin((1 - lam) * omega) * a + math.sin(lam * omega) * b) / math.sin(omega)
     return out.reshape(d1.shape).float()
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TRAIN_FLAGS = ["--iterations", "2", "--runs", "2", "--steps", "3", "--batch_size", "4", "--checkpoint_every", "1",
+               "--reward_epochs", "0.5", "--learning_rate", "1e-3", "--device", "cpu"]  # fmt: skip
+"""A small WARP run on the tiny models, with a checkpoint after every step."""
+
+
+def cli_process(args: list[str], **options):
+    """`warp-rlhf ARGS` in a subprocess running this checkout's source (`subprocess.Popen`)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    return subprocess.Popen([sys.executable, "-m", "warp_rlhf.cli", *args], env=env, text=True, **options)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold bitwise the same tensors."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def cli_error(args: list[str], capsys) -> str:
+    """Run `warp-rlhf ARGS` in this process expecting one error line and exit code 2; the line."""
+    import pytest
+
+    from warp_rlhf.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines[-1].startswith("warp-rlhf: error: "), lines
+    return lines[-1]

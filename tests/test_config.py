@@ -85,6 +85,7 @@ def test_prompt_range_order():
         ("a: [1, 2\n", "does not parse at line"),
         ("- 1\n- 2\n", "must hold a mapping"),
         ("steps: 1.5\n", "not an integer"),
+        ("steps: 5\nbeta: 0.1\nsteps: 6\n", "does not parse at line 3: the key 'steps' is given twice"),
     ],
 )
 def test_bad_yaml(tmp_path, text, message):

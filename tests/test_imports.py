@@ -14,13 +14,13 @@ LAYERS = {
     "errors": set(),
     "layout": set(),
     "config": {"errors"},
-    "checkpoint": set(),
+    "checkpoint": {"errors"},
     "cpu": set(),
     "policy": {"cpu"},
     "algorithm": {"policy", "cpu", "checkpoint", "config", "errors", "layout"},
     "runners": {"algorithm", "cpu", "config", "errors"},
     "stages": {"algorithm", "runners", "policy", "checkpoint", "config", "errors", "layout"},
-    "cli": {"stages", "cpu", "config", "errors", "layout"},
+    "cli": {"stages", "cpu", "checkpoint", "config", "errors", "layout"},
     "__init__": {"config", "errors"},
 }
 """What each top-level module or sub-package of warp_rlhf may import, besides itself."""

@@ -134,6 +134,7 @@ def _train_until(args: list[str], pattern: str, out: Path) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_is_bitwise_equal(tiny_args, tmp_path):
     flags = ["--iterations", "2", "--runs", "2", "--steps", "6", "--checkpoint_every", "2", "--batch_size", "4",
              "--learning_rate", "1e-3", "--reward_epochs", "0.5", "--device", "cpu"]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,24 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from warp_rlhf.errors import WarpError
+
+
+class UnreadableFile(WarpError):
+    """A file that should hold tensors is missing, truncated or not safetensors; `path` names it."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is unreadable ({why})")
+        self.path, self.why = path, why
+
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def written_name(path: str | Path) -> Path:
+    """The path a temporary one stands for (`.x.tmp-123` → `x`, in every part of the path)."""
+    return Path(*(re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", part) for part in Path(path).parts))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -101,5 +117,32 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def verify_safetensors(path: str | Path) -> None:
+    """Raise `UnreadableFile` unless `path` is a whole safetensors file: an 8-byte header length, a
+    JSON header, and every tensor's bytes present (a truncated or overwritten file fails here,
+    before long work; a changed byte inside the data cannot be seen without a checksum)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length <= 0 or 8 + length > size:
+                raise UnreadableFile(path, f"truncated or not safetensors: {size} bytes")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise UnreadableFile(path, "missing") from None
+    except (OSError, ValueError) as error:
+        raise UnreadableFile(path, f"not safetensors: {type(error).__name__}") from None
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    needed = 8 + length + max(ends, default=0)
+    if size < needed:
+        raise UnreadableFile(path, f"truncated: {size} of {needed} bytes")
+
+
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    """The tensors of a safetensors file; `UnreadableFile` naming it if it is not whole."""
+    verify_safetensors(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:  # safetensors' own errors have no common base class
+        raise UnreadableFile(Path(path), f"{type(error).__name__}: {str(error).splitlines()[0][:120]}") from None

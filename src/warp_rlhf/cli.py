@@ -1,14 +1,17 @@
 """`warp-rlhf <command> [--config FILE] [--<field> VALUE ...]`.
 
-Every config field is also a flag; flags override the YAML file. Any problem with the input
-is one line on stderr and exit code 2, before anything is written.
+Every config field is also a flag; flags override the YAML file. Any problem is one line on
+stderr and exit code 2 (130 after Ctrl-C, 143 after SIGTERM); input rejected before work starts
+leaves nothing behind, and finished work is never deleted (`stages.output`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
-import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -158,26 +161,78 @@ HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
 }
 
 
+class _Stderr(logging.Handler):
+    """`warp-rlhf: message` on the current `sys.stderr` (looked up at each record, not once)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warp-rlhf: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """The library's notes (`warp_rlhf` logger, warnings and up) reach the user of the command."""
+    logger = logging.getLogger("warp_rlhf")
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        logger.addHandler(_Stderr(logging.WARNING))
+        logger.propagate = False
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that every `finally` runs (runs side by side stop)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _log_to_stderr()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    created = None
+    out, before = None, None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
-        created = None if Path(config.output_dir).exists() else Path(config.output_dir)
+        out = Path(config.output_dir)
         from warp_rlhf.cpu import keep_freed_memory
+        from warp_rlhf.stages.output import owned, progress_summary
 
         keep_freed_memory()  # a process-wide allocator setting: made here, at the edge
-        return HANDLERS[args.command](config, args)
+        before = progress_summary(out)
+        with owned(out):
+            return HANDLERS[args.command](config, args)
     except WarpError as error:
-        if created is not None:  # a new folder that this failed command began: leave nothing behind
-            shutil.rmtree(created, ignore_errors=True)
-        _fail(str(error))
+        _fail(str(error) + _kept(out, before, args.command))
+    except OSError as error:
+        if error.errno not in {errno.ENOSPC, errno.EDQUOT}:
+            raise
+        from warp_rlhf.checkpoint import written_name
+
+        where = f" writing {written_name(error.filename)}" if error.filename else ""
+        _fail(f"no space left on the device{where}" + _kept(out, None, args.command))
+    except (KeyboardInterrupt, Terminated) as stop:
+        what = "interrupted (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "stopped (SIGTERM)"
+        print(f"warp-rlhf: {what} during `{args.command}`{_kept(out, None, args.command)}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return EXIT_USAGE
+
+
+def _kept(out: Path | None, before: str | None, command: str) -> str:
+    """Where the finished work is and how to go on, when the command got that far (its progress
+    is not what it was when it started, `before`)."""
+    from warp_rlhf.stages.output import has_progress, progress_summary
+
+    if out is None or not out.is_dir() or not has_progress(out) or progress_summary(out) == before:
+        return ""
+    return f"; kept in {out}: {progress_summary(out)} (continue with `warp-rlhf {command} ... --resume`)"
 
 
 if __name__ == "__main__":

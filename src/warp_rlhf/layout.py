@@ -11,6 +11,7 @@
       reinforce/                   the REINFORCE baseline (`RunFolder`), its final/ inside
       eval/                        results, completions, plots; eval/policies/<name>.json
       report.md, timings.json
+      .warp-rlhf.lock              held by the process working in the folder
 
 It sits at the package's top, not under `stages/`, because the algorithm writes run folders
 and merges and must not import the stages above it.
@@ -20,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+LOCK_FILE = ".warp-rlhf.lock"
+"""Held (`flock`) by the process working in the folder (`stages.output.OutputLock`)."""
 
 
 @dataclass(frozen=True)

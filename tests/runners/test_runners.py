@@ -60,11 +60,13 @@ def test_side_by_side_gives_each_run_an_equal_share_of_the_cores():
     assert side_by_side(1, cores=2) == (1, 2)
 
 
+@pytest.mark.slow
 def test_processes_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_path):
     _, threads = side_by_side(2)
     _train_local_then(tiny_args, tmp_path, threads, "processes", ["--backend", "processes"])
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_in_its_process_raises_its_own_error(tmp_path):
     config = WarpConfig(device="cpu", runs=1, steps=1)
     factory = functools.partial(
@@ -76,5 +78,6 @@ def test_a_run_that_fails_in_its_process_raises_its_own_error(tmp_path):
     assert not spec.folder.done.exists()
 
 
+@pytest.mark.slow
 def test_ray_and_local_backends_give_bitwise_identical_weights(tiny_args, tmp_path, local_ray):
     _train_local_then(tiny_args, tmp_path, 1, "ray", ["--backend", "ray", "--ray_num_cpus", "1"])

@@ -127,3 +127,35 @@ def test_empty_csv_is_an_error(tmp_path):
     path.write_text("text,label\n")
     with pytest.raises(DataError):
         load_reviews(WarpConfig(dataset=str(path)))
+
+
+def test_a_text_column_of_numbers_is_named_in_one_line(tmp_path):
+    path = tmp_path / "numbers.csv"
+    path.write_text("text,label\n5,1\n7,0\n")
+    with pytest.raises(DataError, match="column 'text' holds int values \\(5\\), not texts"):
+        load_reviews(WarpConfig(dataset=str(path)))
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_cause(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\xe9 was good,1\nbad,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.csv cannot be loaded: it is not UTF-8 text \\(byte b'\\\\xe9'"):
+        load_reviews(WarpConfig(dataset=str(path)))
+
+
+def test_prompts_have_at_least_prompt_min_tokens_and_short_reviews_give_none(tmp_path):
+    path = write_reviews_csv(tmp_path / "r.csv", 400)
+    with open(path, "a") as handle:  # reviews of one and two tokens: too short for a 3-token prompt
+        handle.writelines(f"{f'w{i}' if i % 2 else f'w{i} x{i}'},{i % 2}\n" for i in range(40))
+    config = config_for(path, prompt_min_tokens=3, prompt_max_tokens=4, rl_prompts=60, eval_prompts=40)
+    splits = split_reviews(load_reviews(config), config, make_tokenizer())
+    lengths = [len(make_tokenizer()(p, add_special_tokens=False)["input_ids"]) for p in splits.rl_prompts]
+    assert min(lengths) >= 3 and len(splits.rl_prompts) == 60 and len(splits.eval_prompts) == 40
+
+
+def test_too_few_reviews_long_enough_for_prompts_is_one_line(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("text,label\n" + "".join(f"word{i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(200)))
+    config = config_for(path, prompt_min_tokens=3, prompt_max_tokens=4, reward_train_pairs=10, reward_eval_pairs=5)
+    with pytest.raises(DataError, match="have at least prompt_min_tokens=3 tokens: too few for 80 prompts"):
+        split_reviews(load_reviews(config), config, make_tokenizer())

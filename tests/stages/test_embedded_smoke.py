@@ -1,11 +1,14 @@
 """The one smoke test on the real embedded assets (converted once into the user cache)."""
 
+import pytest
 import torch
 
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.stages import assets
 from warp_rlhf.stages.models import load_causal_lm, load_tokenizer
 from warp_rlhf.stages.reward import RewardModel
+
+pytestmark = pytest.mark.slow
 
 
 def test_embedded_policy_and_reward_backbone_load_and_run():

@@ -57,11 +57,25 @@ def test_reward_command_writes_model_metrics_and_config(tiny_args, tmp_path, cap
     assert "(reused)" in capsys.readouterr().out
 
 
-def test_output_dir_of_another_config_is_refused(tiny_args, capsys):
+def test_a_setting_of_the_finished_reward_model_is_refused_and_training_only_fields_are_not(tiny_args, capsys):
     assert main(["reward", *tiny_args, "--reward_epochs", "0.1"]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         main(["reward", *tiny_args, "--reward_epochs", "0.2"])
     assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "holds a run with a different config (reward_epochs: 0.1 → 0.2)" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[-1]] and "reward_epochs: 0.1 → 0.2 would not match the reward model (reward_model/)" in err[-1]
+    assert main(["reward", *tiny_args, "--reward_epochs", "0.1", "--learning_rate", "1e-4", "--steps", "7"]) == 0
+
+
+def test_texts_longer_than_the_backbone_positions_are_truncated_to_them(tiny_backbone):
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.helpers import make_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=1)
+    reward = RewardModel(model, make_tokenizer())  # the tokenizer sets no length limit; the model has 128
+    assert reward.max_length == 128
+    long, cut = " ".join(["good"] * 400), " ".join(["good"] * 126)  # 126 words + [CLS]-free tokenizer specials
+    scores = reward.score([long, cut])
+    assert torch.isfinite(scores).all()

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -32,7 +33,15 @@ from tqdm.auto import tqdm
 
 from warp_rlhf import policy as pi
 from warp_rlhf.algorithm.merge import copy_into, ema_update_, model_state
-from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, remove_temporaries, save_tensors, write_json
+from warp_rlhf.checkpoint import (
+    UnreadableFile,
+    atomic_dir,
+    load_tensors,
+    read_json,
+    remove_temporaries,
+    save_tensors,
+    write_json,
+)
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.cpu import lean_backward
 from warp_rlhf.errors import WarpError
@@ -40,6 +49,14 @@ from warp_rlhf.layout import RunFolder
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
+
+RUN_FIELDS = (
+    "seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate", "baseline",
+    "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision",
+)  # fmt: skip
+"""The config fields a run's steps depend on: a checkpoint made with other values is not resumed."""
+
+logger = logging.getLogger("warp_rlhf")
 
 
 class TrainingError(WarpError):
@@ -318,7 +335,15 @@ class Trainer:
             return
         files.path.mkdir(parents=True, exist_ok=True)
         optimizer, scheduler = new_optimizer(self.policy, self.config)
-        start = self._restore(files.checkpoint, init, optimizer, scheduler)
+        try:
+            start = self._restore(spec, init, optimizer, scheduler)
+        except UnreadableFile as error:
+            remedy = (
+                f"delete {files.checkpoint} and run again with --resume to restart this run from its init"
+                if error.path.parent == files.checkpoint
+                else "delete it and run again with --resume to write it anew"
+            )
+            raise TrainingError(f"{spec.name}: {error}; {remedy}") from None
         _truncate_lines(files.metrics, start)
         progress = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True, position=bar)
         with progress, open(files.metrics, "a") as log:
@@ -345,11 +370,31 @@ class Trainer:
             save_tensors(tmp / "optimizer.safetensors", moments)
             write_json(
                 tmp / "state.json",
-                {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()},
+                {
+                    "step": step,
+                    "param_groups": state["param_groups"],
+                    "scheduler": scheduler.state_dict(),
+                    "fields": self._run_fields(),
+                },
             )
 
-    def _restore(self, path: Path, init: Path | None, optimizer, scheduler) -> int:
-        """Load the run's checkpoint if there is one; else start from θ_init. Returns the step."""
+    def _run_fields(self) -> dict:
+        return {name: getattr(self.config, name) for name in RUN_FIELDS}
+
+    def _restore(self, spec: RunSpec, init: Path | None, optimizer, scheduler) -> int:
+        """Load the run's checkpoint if there is one and it was made with this run's settings (a
+        checkpoint of other settings is set aside: the run restarts from θ_init). Returns the step."""
+        path = spec.folder.checkpoint
+        if (path / "state.json").exists():
+            made_with = read_json(path / "state.json").get("fields", self._run_fields())
+            changed = [name for name, value in self._run_fields().items() if made_with.get(name, value) != value]
+            if changed:
+                name = changed[0]
+                logger.warning(
+                    "%s: its checkpoint was made with %s=%r, not %r: restarting the run from its init",
+                    spec.name, name, made_with[name], getattr(self.config, name),
+                )  # fmt: skip
+                shutil.rmtree(path)
         if not (path / "state.json").exists():
             start = load_tensors(init, self.device) if init is not None else self.policy_state
             copy_into(self.policy, start)

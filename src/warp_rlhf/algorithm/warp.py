@@ -24,8 +24,15 @@ import torch
 from safetensors import safe_open
 
 from warp_rlhf.algorithm.merge import State, liti, slerp_merge
-from warp_rlhf.algorithm.reinforce import RunSpec
-from warp_rlhf.checkpoint import load_tensors, read_json, remove_temporaries, save_tensors
+from warp_rlhf.algorithm.reinforce import RunSpec, TrainingError
+from warp_rlhf.checkpoint import (
+    UnreadableFile,
+    load_tensors,
+    read_json,
+    remove_temporaries,
+    save_tensors,
+    verify_safetensors,
+)
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.layout import OutputDir, RunFolder
 
@@ -48,7 +55,10 @@ def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) 
         remove_temporaries(out.iteration(iteration))
         specs = iteration_specs(config, out, iteration)
         if not out.slerp(iteration).exists():
-            run_all([spec for spec in specs if not spec.folder.done.exists()], out.init(iteration))
+            finished = [spec for spec in specs if spec.folder.done.exists()]
+            _check_readable([out.init(iteration)], finished)  # before training the others
+            run_all([spec for spec in specs if spec not in finished], out.init(iteration))
+            _check_readable([], specs)
             merged = slerp_merge(
                 load_tensors(out.init(iteration)),
                 _run_tensors([spec.folder for spec in specs]),
@@ -62,6 +72,22 @@ def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) 
             init, merged = load_tensors(out.init(iteration)), load_tensors(out.slerp(iteration))
             save_tensors(out.init(iteration + 1), liti(init, merged, config.liti_rate))
     return load_tensors(out.slerp(config.iterations)), summaries
+
+
+def _check_readable(files: list[Path], finished: list[RunSpec]) -> None:
+    """Fail in one line, with the way out, on a file of θ_init or of a finished run that is not whole."""
+    for path in files:
+        try:
+            verify_safetensors(path)
+        except UnreadableFile as error:
+            raise TrainingError(f"{error}; delete it and run again with --resume to write it anew") from None
+    for spec in finished:
+        try:
+            verify_safetensors(spec.folder.policy)
+        except UnreadableFile as error:
+            raise TrainingError(
+                f"{spec.name}: {error}; delete {spec.folder.path} and run again with --resume to train this run again"
+            ) from None
 
 
 def _run_tensors(folders: list[RunFolder]) -> Callable[[int, str], torch.Tensor]:

@@ -33,8 +33,8 @@ def sample(
     every completion position, shape (B, L, V), taken from generation itself (no second forward).
     """
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    batch = batch.to(device)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)

@@ -2,7 +2,8 @@
 
 `RAY_ADDRESS` selects a running cluster; without it a local Ray instance is started. Each task
 rebuilds its run from folders (`worker`); the output folder must be on storage every node sees.
-A failed task is retried `ray_max_retries` times and resumes from its run's checkpoint.
+A failed task is retried `ray_max_retries` times and resumes from its run's checkpoint; when the
+driver stops, its tasks are cancelled.
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ def run_on_ray(job: RunJob, specs: list[RunSpec], init_path: Path) -> None:
     except ray.exceptions.RayError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise WarpError(f"a Ray run failed after {config.ray_max_retries} retries: {reason}") from None
+    except BaseException:  # the driver stops (Ctrl-C, SIGTERM): its tasks stop with it
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise

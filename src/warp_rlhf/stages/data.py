@@ -83,10 +83,7 @@ def load_reviews(config: WarpConfig) -> Reviews:
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; the user needs one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "corresponds to no data" in reason:
-            reason = "it holds no rows"
-        raise DataError(f"dataset {config.dataset} cannot be loaded: {reason}") from None
+        raise DataError(f"dataset {config.dataset} cannot be loaded: {_reason(error)}") from None
     for column in (config.text_column, config.label_column):
         if column not in table.column_names:
             raise DataError(
@@ -94,6 +91,11 @@ def load_reviews(config: WarpConfig) -> Reviews:
             )
     texts, labels, seen = [], [], set()
     for text, label in zip(table[config.text_column], table[config.label_column], strict=True):
+        if text is not None and not isinstance(text, str):
+            raise DataError(
+                f"dataset {config.dataset}: column '{config.text_column}' holds {type(text).__name__} values "
+                f"({text!r}), not texts: set text_column to the column of review texts"
+            )
         text = clean(text or "")
         if text and text not in seen:
             seen.add(text)
@@ -104,6 +106,20 @@ def load_reviews(config: WarpConfig) -> Reviews:
     if len(set(labels)) < 2:
         raise DataError(f"dataset {config.dataset} has only one class (label {labels[0]}): need both")
     return Reviews(texts, labels)
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a loading error, in a few words: `datasets` wraps the real one."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 text (byte {cause.object[cause.start : cause.start + 1]!r} at offset {cause.start})"
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return "it holds no rows" if "corresponds to no data" in reason else reason
 
 
 def first_tokens(texts: list[str], tokenizer, lengths: list[int]) -> list[str]:
@@ -144,9 +160,29 @@ def split_reviews(reviews: Reviews, config: WarpConfig, tokenizer) -> Splits:
     def prompts(indices: list[int]) -> list[str]:
         return first_tokens([reviews.texts[i] for i in indices], tokenizer, prompt_lengths(len(indices)))
 
+    reward_train, reward_eval = pairs(0, n_train), pairs(n_train, per_class)
+    usable = _with_tokens(rest, reviews.texts, tokenizer, config.prompt_min_tokens, n_prompts)
+    if len(usable) < n_prompts:
+        raise DataError(
+            f"dataset {config.dataset}: only {len(usable)} of the reviews left for prompts have at least "
+            f"prompt_min_tokens={config.prompt_min_tokens} tokens: too few for {n_prompts} prompts"
+        )
     return Splits(
-        reward_train=pairs(0, n_train),
-        reward_eval=pairs(n_train, per_class),
-        rl_prompts=prompts(rest[: config.rl_prompts]),
-        eval_prompts=prompts(rest[config.rl_prompts : n_prompts]),
+        reward_train=reward_train,
+        reward_eval=reward_eval,
+        rl_prompts=prompts(usable[: config.rl_prompts]),
+        eval_prompts=prompts(usable[config.rl_prompts :]),
     )
+
+
+def _with_tokens(indices: list[int], texts: list[str], tokenizer, least: int, wanted: int) -> list[int]:
+    """The first `wanted` of `indices`, in order, whose texts have at least `least` tokens (a prompt
+    is cut from a review's first tokens, so a shorter review cannot give one of `least`)."""
+    kept: list[int] = []
+    for start in range(0, len(indices), 512):
+        chunk = indices[start : start + 512]
+        counts = [len(ids) for ids in tokenizer([texts[i] for i in chunk], add_special_tokens=False)["input_ids"]]
+        kept += [i for i, count in zip(chunk, counts, strict=True) if count >= least]
+        if len(kept) >= wanted:
+            return kept[:wanted]
+    return kept

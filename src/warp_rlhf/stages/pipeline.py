@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import functools
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,17 @@ from warp_rlhf.algorithm.baseline import train_reinforce, trajectory_files
 from warp_rlhf.algorithm.merge import State, copy_into, lerp, model_state
 from warp_rlhf.algorithm.reinforce import Trainer
 from warp_rlhf.algorithm.warp import train_warp
-from warp_rlhf.checkpoint import atomic_dir, load_tensors, read_json, remove_temporaries, write_json, write_text
-from warp_rlhf.config import WarpConfig, config_to_dict, dump_config, read_yaml
+from warp_rlhf.checkpoint import (
+    UnreadableFile,
+    atomic_dir,
+    load_tensors,
+    read_json,
+    remove_temporaries,
+    verify_safetensors,
+    write_json,
+    write_text,
+)
+from warp_rlhf.config import WarpConfig, dump_config
 from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.runners import RunJob, make_runner
@@ -32,11 +40,9 @@ from warp_rlhf.stages import assets
 from warp_rlhf.stages.data import Splits, load_reviews, split_reviews
 from warp_rlhf.stages.evaluate import Samples, sample_policy, write_results
 from warp_rlhf.stages.models import context_window, load_causal_lm, load_tokenizer, model_config
+from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
 from warp_rlhf.stages.reward import METRICS_FILE, RewardModel, judge_scores, train_reward_model
-
-SHARED_FIELDS = {"method"}
-"""Fields that may differ between calls on one folder: WARP and its baseline share a folder."""
 
 
 def check_models(config: WarpConfig) -> None:
@@ -50,36 +56,31 @@ def check_models(config: WarpConfig) -> None:
         raise ConfigError(
             f"prompt_max_tokens + max_new_tokens = {needed} is out of range: the policy's context window is {window}"
         )
+    _check_weights(assets.resolve_policy(config), "policy")
     backbone = model_config(assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code)
     heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
     if heads and backbone.num_labels != 1:
         raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
 
 
+def _check_weights(name: str, what: str) -> None:
+    """A local model folder's safetensors files must be whole: found here, not after hours of work."""
+    for path in sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []:
+        try:
+            verify_safetensors(path)
+        except UnreadableFile as error:
+            raise ModelError(f"{what} {name}: {error}") from None
+
+
 def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
-    """Check the models, then claim `output_dir` for this config (refusing a folder of another run)."""
+    """Check the models, then claim `output_dir` for this config (`output.claim`) and save it."""
     check_models(config)
     out = Path(config.output_dir)
-    saved = OutputDir(out).config
-    if saved.exists() and not overwrite:
-        previous = read_yaml(saved)
-        changed = [
-            name
-            for name, value in config_to_dict(config).items()
-            if previous.get(name) != value and name not in SHARED_FIELDS
-        ]
-        if changed:
-            name = changed[0]
-            raise ConfigError(
-                f"output_dir {out} holds a run with a different config ({name}: {previous.get(name)!r} → "
-                f"{getattr(config, name)!r}); pass --overwrite or choose another output_dir"
-            )
     try:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        claim(config, out, overwrite=overwrite)
         remove_temporaries(out)
-        write_text(saved, dump_config(config))
+        write_text(OutputDir(out).config, dump_config(config))
     except OSError as error:
         raise ConfigError(f"output_dir {out} cannot be written: {error.strerror or error}") from None
     return out
@@ -221,6 +222,12 @@ def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[s
 def evaluate_stage(config: WarpConfig, out: Path) -> dict:
     """Evaluate every available policy on the held-out prompts; write eval/ and report.md."""
     paths = OutputDir(out)
+    warp, baseline = (paths.final / "config.json").exists(), paths.baseline.done.exists()
+    if not (warp or baseline):
+        raise ConfigError(
+            f"output_dir {out} holds no trained policy to evaluate (no final/, no reinforce/): "
+            "run `warp-rlhf train` (and `--method reinforce` for the baseline) first, or `warp-rlhf run`"
+        )
     sft_model, tokenizer, reward, splits = _stage_inputs(config, out)
     sft_model.eval()
     device = next(sft_model.parameters()).device

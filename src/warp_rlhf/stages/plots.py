@@ -46,10 +46,9 @@ def front_figure(policies: dict, metric: str, label: str):
     sft = policies.get("sft")
     for kind, style in styles.items():
         x, y, xerr, yerr, names = _points(policies, kind, metric)
-        if kind in {"liti", "reinforce"} and sft and x:
-            start = "ν=0" if kind == "liti" else "step 0"
+        if kind in {"liti", "reinforce"} and sft and x:  # drawn from the SFT point, which the star names
             x, y = [sft["kl_exact_mean"], *x], [sft[f"{metric}_mean"], *y]
-            xerr, yerr, names = [sft["kl_exact_se"], *xerr], [sft[f"{metric}_se"], *yerr], [start, *names]
+            xerr, yerr, names = [sft["kl_exact_se"], *xerr], [sft[f"{metric}_se"], *yerr], ["", *names]
         if x:
             axes.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, **style)
         if kind != "sft":

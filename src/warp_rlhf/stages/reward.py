@@ -16,9 +16,18 @@ import torch
 from warp_rlhf.checkpoint import atomic_dir, write_json
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ModelError
-from warp_rlhf.stages.models import load_tokenizer, loading
+from warp_rlhf.stages.models import context_window, load_tokenizer, loading
 
 METRICS_FILE = "metrics.json"
+
+
+def text_limit(model, tokenizer) -> int:
+    """The most tokens a text keeps: the tokenizer's limit, the model's positions, and 512 at most
+    (longer texts are truncated, as an encoder cannot read past its position embeddings)."""
+    positions = context_window(model.config) or 512
+    if getattr(model.config, "model_type", None) in {"roberta", "xlm-roberta", "camembert"}:
+        positions -= 2  # their first two positions are reserved (padding offset)
+    return min(tokenizer.model_max_length, positions, 512)
 
 
 class RewardModel:
@@ -30,7 +39,7 @@ class RewardModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_length = min(tokenizer.model_max_length, 512)
+        self.max_length = text_limit(model, tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", trust_remote_code: bool = False):
@@ -102,7 +111,7 @@ def train_reward_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = min(tokenizer.model_max_length, 512)
+    max_length = text_limit(model, tokenizer)
 
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
