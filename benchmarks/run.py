@@ -320,7 +320,7 @@ def measure_merge(steps: int = 0, run: None = None) -> dict:
     """SLERP of M = 2 SmolLM2-sized policies against one torch.add over the same tensors."""
     import torch
 
-    from warp_rlhf.algorithm.merge import model_state, slerp_merge
+    from warp_rlhf.algorithm.merge import merge_task_vectors, model_state
 
     _, policy_path, *_, load_causal_lm = _embedded()
     init = {k: v.detach() for k, v in model_state(load_causal_lm(policy_path)).items()}
@@ -328,7 +328,7 @@ def measure_merge(steps: int = 0, run: None = None) -> dict:
     runs = [{k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in init.items()} for _ in range(2)]
 
     def merge():
-        return slerp_merge(init, lambda m, name: runs[m][name], 2, 0.5)
+        return merge_task_vectors(init, lambda m, name: runs[m][name], 2, 0.5)
 
     def add():
         return {k: torch.add(runs[0][k], runs[1][k]) for k in init}

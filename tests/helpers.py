@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from warp_rlhf.algorithm.merge import model_state
-from warp_rlhf.algorithm.reinforce import Trainer
+from warp_rlhf.algorithm.reinforce import Prompt, Trainer
 from warp_rlhf.algorithm.warp import train_warp
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.layout import OutputDir
@@ -53,7 +53,8 @@ def write_reviews_csv(path: Path, n: int, seed: int = 0, labels=(1, 0)) -> Path:
     return path
 
 
-PROMPTS = ["the movie", "a film", "the plot was", "it is", "the actor and", "a story", "the scene", "it was"] * 4
+PROMPT_TEXTS = ["the movie", "a film", "the plot was", "it is", "the actor and", "a story", "the scene", "it was"] * 4
+PROMPTS = [Prompt(text) for text in PROMPT_TEXTS]
 
 
 def good_fraction(prompts, completions):
@@ -99,9 +100,13 @@ class NoSchedule:
 
 
 def hand_slerp(d1: torch.Tensor, d2: torch.Tensor, lam: float) -> torch.Tensor:
-    """Independent float64 SLERP on flattened vectors."""
+    """Independent float64 SLERP on flattened vectors, with the spec's LERP fallback for a zero
+    vector (a millionth of the other's norm) and for collinear ones."""
     a, b = d1.double().flatten(), d2.double().flatten()
-    omega = math.acos(max(-1.0, min(1.0, float((a @ b) / (a.norm() * b.norm())))))
+    na, nb = float(a.norm()), float(b.norm())
+    if min(na, nb) <= 1e-6 * max(na, nb):
+        return ((1 - lam) * a + lam * b).reshape(d1.shape).float()
+    omega = math.acos(max(-1.0, min(1.0, float((a @ b) / (na * nb)))))
     if math.sin(omega) < 1e-6:  # collinear: the spec's LERP fallback
         return ((1 - lam) * a + lam * b).reshape(d1.shape).float()
     out = (math.sin((1 - lam) * omega) * a + math.sin(lam * omega) * b) / math.sin(omega)

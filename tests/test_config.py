@@ -176,4 +176,4 @@ def test_every_field_is_a_keyword_field_with_help():
 
     for f in dataclasses.fields(WarpConfig):
         assert f.metadata.get("help"), f.name
-        assert f.default is not dataclasses.MISSING, f.name
+        assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name

@@ -73,6 +73,9 @@ def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
 
     out = prepare_output(config, overwrite=args.overwrite)
     metrics = reward_stage(config, out)
+    if metrics.get("skipped"):
+        print(f"no reward model to train: every reward is given (reward_funcs: {', '.join(config.reward_funcs)})")
+        return 0
     reused = " (reused)" if metrics.get("reused") else ""
     print(
         f"reward model{reused}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
@@ -110,7 +113,10 @@ def results_table(policies: dict) -> str:
     lines = [f"{'policy':<16}{'reward':>16}{'judge':>16}{'KL exact':>16}{'KL k1':>16}"]
     for name in rows:
         p = policies[name]
-        cells = [f"{p[m + '_mean']:.3f} ± {p[m + '_se']:.3f}" for m in ("reward", "judge", "kl_exact", "kl_k1")]
+        cells = [
+            f"{p[m + '_mean']:.3f} ± {p[m + '_se']:.3f}" if m + "_mean" in p else "—"
+            for m in ("reward", "judge", "kl_exact", "kl_k1")
+        ]
         lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells))
     if "sft" in policies and "warp" in policies:
         sft, warp = policies["sft"], policies["warp"]

@@ -72,6 +72,30 @@ class WarpConfig:
     label_column: str = field(
         default="label", metadata={"help": "Column holding the binary sentiment label (1 / 'pos' = positive)."}
     )
+    prompt_column: str = field(
+        default="prompt",
+        metadata={
+            "help": "Column of a prompt dataset (TRL's prompt-only format): a text, or a list of {role, content} "
+            "messages rendered with the policy's chat template. Data with text and label columns instead is "
+            "reviews, whose first tokens are the prompts."
+        },
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts from another dataset (hub name or file); null: a disjoint split of dataset."
+        },
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split of the held-out prompts' dataset to read (default: dataset_split)."}
+    )
+    reward_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Preference pairs for the reward stage in TRL's format (chosen/rejected, implicit or explicit "
+            "prompt); null: the pairs of dataset (reviews, or its own chosen/rejected columns)."
+        },
+    )
     output_dir: str = field(default="runs/demo", metadata={"help": "Folder for every output of the run."})
     cache_dir: str | None = field(
         default=None,
@@ -106,6 +130,27 @@ class WarpConfig:
     reward_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model step.", "allowed": AT_LEAST_1})
     reward_learning_rate: float = field(
         default=5e-5, metadata={"help": "AdamW learning rate of the reward model.", "allowed": POSITIVE}
+    )
+
+    # --- rewards ---------------------------------------------------------------------------
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "The rewards, as in TRL: a sequence-classification model (hub name or folder; MODEL[LABEL] or "
+            "MODEL[index] picks its output), a Python function (file.py:name or package.module:name, called as "
+            "f(prompts, completions, **columns) -> list[float]), or 'trained' (the reward stage's model). "
+            "Empty: 'trained'."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward in the total r; null: 1 each."}
+    )
+    judge: str = field(
+        default="auto",
+        metadata={
+            "help": "An independent score in evaluation: vader (sentiment), none, or a reward as in reward_funcs; "
+            "auto: vader for review data, none otherwise."
+        },
     )
 
     # --- WARP (paper Algorithm 1) ---------------------------------------------------------
@@ -241,41 +286,58 @@ FIELDS = {f.name: f for f in dataclasses.fields(WarpConfig)}
 _TYPES = typing.get_type_hints(WarpConfig)
 
 
-def _base_type(name: str) -> tuple[type, bool]:
-    """(the field's scalar type, whether None is allowed)."""
-    hint = _TYPES[name]
+def _base_type(name: str) -> tuple[type, bool, bool]:
+    """(the field's scalar type, whether None is allowed, whether it is a list of that type)."""
+    hint, optional = _TYPES[name], False
     if isinstance(hint, types.UnionType):
-        args = [a for a in hint.__args__ if a is not type(None)]
-        return args[0], True
-    return hint, False
+        hint, optional = next(a for a in hint.__args__ if a is not type(None)), True
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
 
 
-def _typed(name: str, value: Any) -> Any:
-    """Check a YAML value's type (ints are accepted for floats)."""
-    kind, optional = _base_type(name)
-    if value is None and optional:
-        return None
-    ok = {
+def _scalar(kind: type, value: Any) -> bool:
+    return {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, int | float) and not isinstance(value, bool),
         str: isinstance(value, str),
     }[kind]
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional)}")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """Check a YAML value's type (ints are accepted for floats)."""
+    kind, optional, many = _base_type(name)
+    if value is None and optional:
+        return None
+    if many:
+        if not isinstance(value, list) or not all(_scalar(kind, v) for v in value):
+            raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional, many)}")
+        return [float(v) if kind is float else v for v in value]
+    if not _scalar(kind, value):
+        raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional, many)}")
     return float(value) if kind is float else value
 
 
-def _describe(kind: type, optional: bool) -> str:
+def _describe(kind: type, optional: bool, many: bool = False) -> str:
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    if many:
+        words = "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}[kind]
     return words + (" or null" if optional else "")
 
 
 def parse_value(name: str, text: str) -> Any:
-    """Turn a command-line string into the field's type."""
-    kind, optional = _base_type(name)
+    """Turn a command-line string into the field's type (a list: comma-separated, `[]` for none)."""
+    kind, optional, many = _base_type(name)
     if optional and text.lower() in {"none", "null"}:
         return None
+    if many:
+        items = [] if text.strip() in {"", "[]"} else [item.strip() for item in text.split(",")]
+        return [_parse_scalar(name, kind, item, optional, many) for item in items]
+    return _parse_scalar(name, kind, text, optional, many)
+
+
+def _parse_scalar(name: str, kind: type, text: str, optional: bool, many: bool) -> Any:
     try:
         if kind is bool:
             if text.lower() in {"true", "1", "yes"}:
@@ -285,7 +347,7 @@ def parse_value(name: str, text: str) -> Any:
             raise ValueError
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{name}={text!r} is not {_describe(kind, optional)}") from None
+        raise ConfigError(f"{name}={text!r} is not {_describe(kind, optional, many)}") from None
 
 
 def unknown_field(name: str) -> ConfigError:
@@ -305,6 +367,15 @@ def validate(config: WarpConfig) -> None:
             continue
         if (isinstance(value, float) and not math.isfinite(value)) or not allowed.check(value):
             raise ConfigError(f"{name}={value!r} is out of range: must be {allowed.text}")
+    if config.reward_weights is not None:
+        if not all(math.isfinite(w) for w in config.reward_weights):
+            raise ConfigError(f"reward_weights={config.reward_weights!r} is out of range: must be finite numbers")
+        rewards = len(config.reward_funcs) or 1
+        if len(config.reward_weights) != rewards:
+            raise ConfigError(
+                f"reward_weights has {len(config.reward_weights)} value(s) for {rewards} reward(s) "
+                f"({', '.join(config.reward_funcs) or 'trained'}): give one weight per reward"
+            )
     if config.batch_size % config.grad_accumulation_steps:
         raise ConfigError(
             f"grad_accumulation_steps={config.grad_accumulation_steps} is out of range: "
@@ -408,9 +479,13 @@ def reference_markdown() -> str:
         demo = f"`{_yaml_value(DEMO_BUDGET[name])}`" if name in DEMO_BUDGET else ""
         help_text = f.metadata["help"].replace("|", "\\|")
         lines.append(
-            f"| `{name}` | {help_text} | {allowed.text if allowed else ''} | `{_yaml_value(f.default)}` | {demo} |"
+            f"| `{name}` | {help_text} | {allowed.text if allowed else ''} | `{_yaml_value(_default(f))}` | {demo} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _yaml_value(value: Any) -> str:

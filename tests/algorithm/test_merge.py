@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from tests.helpers import hand_slerp
-from warp_rlhf.algorithm.merge import copy_into, ema_update_, liti, model_state, slerp, slerp_merge, slerp_task_vectors
+from warp_rlhf.algorithm.merge import (
+    copy_into,
+    ema_update_,
+    liti,
+    merge_task_vectors,
+    model_state,
+    slerp,
+    slerp_task_vectors,
+)
 
 
 def test_slerp_of_orthogonal_unit_vectors_by_hand():
@@ -81,11 +89,11 @@ def test_m_greater_than_two_is_iterative_with_weight_one_over_m():
     assert torch.allclose(slerp_task_vectors(ds), expected, atol=1e-5)
 
 
-def test_slerp_merge_works_on_task_vectors_not_full_weights():
+def test_merge_task_vectors_works_on_task_vectors_not_full_weights():
     g = torch.Generator().manual_seed(4)
     init = {"w": torch.randn(6, 4, generator=g) + 5, "b": torch.randn(4, generator=g)}
     runs = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(2)]
-    merged = slerp_merge(init, lambda m, name: runs[m][name], 2, 0.5)
+    merged = merge_task_vectors(init, lambda m, name: runs[m][name], 2, 0.5)
     for name in init:
         expected = init[name] + hand_slerp(runs[0][name] - init[name], runs[1][name] - init[name], 0.5)
         assert torch.allclose(merged[name], expected, atol=1e-5)
@@ -134,11 +142,11 @@ def test_tied_weights_appear_once_and_non_float_buffers_are_left_alone():
 
 @pytest.mark.parametrize("chunk", [7, 1 << 20])  # tensors in many pieces, and each in one piece
 @pytest.mark.parametrize("runs", [1, 2, 3, 4])
-def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs, chunk):
+def test_streamed_merge_task_vectors_equals_the_per_tensor_definition(runs, chunk):
     g = torch.Generator().manual_seed(runs)
     init = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g), "big": torch.randn(300, generator=g)}
     finals = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(runs)]
-    merged = slerp_merge(init, lambda m, name: finals[m][name], runs, None, chunk=chunk)
+    merged = merge_task_vectors(init, lambda m, name: finals[m][name], runs, None, chunk=chunk)
     for name, base in init.items():
         expected = base + slerp_task_vectors([f[name] - base for f in finals])
         assert merged[name].shape == base.shape
@@ -150,7 +158,78 @@ def test_streamed_slerp_merge_equals_the_per_tensor_definition(runs, chunk):
         )
 
 
-def test_slerp_merge_of_unchanged_runs_is_exactly_the_init():
+def test_merge_task_vectors_of_unchanged_runs_is_exactly_the_init():
     init = {"w": torch.randn(5, 3), "b": torch.randn(3)}
-    merged = slerp_merge(init, lambda m, name: init[name].clone(), 2, 0.5, chunk=4)
+    merged = merge_task_vectors(init, lambda m, name: init[name].clone(), 2, 0.5, chunk=4)
     assert all(torch.equal(merged[name], init[name]) for name in init)
+
+
+def merged_task_vector(deltas: list[torch.Tensor], chunk: int = 1 << 20, method: str = "slerp") -> torch.Tensor:
+    """`merge_task_vectors` of runs θ_m = θ_init + δ_m with θ_init = 0, so the task vectors it takes
+    are the δ_m exactly (with another θ_init, θ_init + δ_m rounds, and so do the task vectors)."""
+    init = {"t": torch.zeros_like(deltas[0])}
+    runs = [{"t": init["t"] + d} for d in deltas]
+    merged = merge_task_vectors(init, lambda m, name: runs[m][name], len(deltas), None, method, chunk=chunk)
+    return merged["t"].double()
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+@pytest.mark.parametrize("factor", [1.0, 0.5, 3.0])
+def test_antipodal_task_vectors_merge_as_lerp(size, factor):
+    """δ2 = −c δ1 is collinear: SLERP is LERP, (δ1 + δ2) / 2 = (1 − c) δ1 / 2, not a blow-up."""
+    d = torch.randn(size, generator=torch.Generator().manual_seed(size)) * 1e-3
+    expected = ((1 - factor) / 2) * d.double()
+    for got in (merged_task_vector([d, -factor * d]), slerp(d, -factor * d, 0.5).double()):
+        assert torch.allclose(got, expected, atol=1e-9 * float(d.abs().max()) + 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_element_task_vectors_are_collinear_and_merge_as_lerp(seed):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(1, generator=g) * 10 ** float(torch.randint(-6, 0, (1,), generator=g)) for _ in range(3)]
+    pair = deltas[:2]
+    assert torch.allclose(merged_task_vector(pair), (pair[0].double() + pair[1].double()) / 2, rtol=1e-5)
+    three = sum(d.double() for d in deltas) / 3  # iterative LERP with 1/2 then 1/3 is the mean
+    assert torch.allclose(merged_task_vector(deltas), three, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_a_third_run_after_a_cancelling_pair_gets_weight_one_third(chunk):
+    g = torch.Generator().manual_seed(7)
+    d1, d3 = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    expected = d3.double() / 3  # s2 = LERP(d1, −d1) = 0, then LERP(0, d3; 1/3)
+    assert torch.allclose(merged_task_vector([d1, -d1, d3], chunk=chunk), expected, atol=1e-6)
+    assert torch.allclose(slerp_task_vectors([d1, -d1, d3]).double(), expected, atol=1e-6)
+
+
+def test_task_vectors_of_rounded_weights_are_merged_as_float64_merges_those_differences():
+    """With θ_init = 0.5, runs θ_init ± d round to weights whose differences are antipodal only up
+    to rounding (sin Ω ≈ 1e-5): that is what is merged, exactly as float64 SLERP of them does."""
+    d = torch.randn(512, generator=torch.Generator().manual_seed(11)) * 1e-3
+    init = {"t": torch.full_like(d, 0.5)}
+    runs = [{"t": init["t"] + d}, {"t": init["t"] - d}]
+    merged = merge_task_vectors(init, lambda m, name: runs[m][name], 2, None)["t"].double() - 0.5
+    deltas = [run["t"].double() - 0.5 for run in runs]  # exact: the subtraction of close floats
+    a, b = deltas
+    omega = math.acos(float(a @ b / (a.norm() * b.norm())))
+    expected = (math.sin(omega / 2) * a + math.sin(omega / 2) * b) / math.sin(omega)
+    assert math.sin(omega) > 1e-6  # above the fallback: a genuine SLERP
+    assert (merged - expected).norm() < 1e-2 * expected.norm()
+
+
+def test_nearly_antipodal_vectors_are_slerped_like_float64():
+    """Not collinear: a genuine SLERP, which keeps the norm of equal-norm inputs, unlike LERP."""
+    g = torch.Generator().manual_seed(8)
+    d1 = torch.randn(2048, generator=g)
+    d2 = -d1 + 0.05 * torch.randn(2048, generator=g)
+    d2 = d2 * (d1.norm() / d2.norm())
+    got, expected = merged_task_vector([d1, d2]), hand_slerp(d1, d2, 0.5).double()
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
+    assert abs(float(got.norm()) - float(d1.norm())) < 1e-3 * float(d1.norm())
+
+
+def test_lerp_of_task_vectors_is_their_average():
+    g = torch.Generator().manual_seed(9)
+    deltas = [torch.randn(33, generator=g) for _ in range(3)]
+    got = merged_task_vector(deltas, method="lerp")
+    assert torch.allclose(got, sum(d.double() for d in deltas) / 3, atol=1e-6)

@@ -14,6 +14,7 @@ from tests.helpers import (
 )
 from warp_rlhf import policy as pi
 from warp_rlhf.algorithm.reinforce import (
+    Prompt,
     RunSpec,
     Trainer,
     TrainingError,
@@ -35,13 +36,17 @@ def test_advantages_by_hand():
 
 def test_each_run_has_its_own_prompt_order_covering_every_prompt(tmp_path):
     config = tiny_config(tmp_path, batch_size=8)
-    prompts = [f"p{i}" for i in range(16)]
-    run_1 = [p for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 1, RunFolder(tmp_path), 0.1), t)]
-    run_2 = [p for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 2, RunFolder(tmp_path), 0.1), t)]
-    assert sorted(run_1) == sorted(prompts) == sorted(run_2)  # one epoch each
+    prompts = [Prompt(f"p{i}") for i in range(16)]
+    run_1 = [
+        p.text for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 1, RunFolder(tmp_path), 0.1), t)
+    ]
+    run_2 = [
+        p.text for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 2, RunFolder(tmp_path), 0.1), t)
+    ]
+    assert sorted(run_1) == sorted(p.text for p in prompts) == sorted(run_2)  # one epoch each
     assert run_1 != run_2
     assert run_1 == [
-        p for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 1, RunFolder(tmp_path), 0.1), t)
+        p.text for t in range(2) for p in prompt_batch(prompts, config, RunSpec(1, 1, RunFolder(tmp_path), 0.1), t)
     ]
 
 
@@ -60,7 +65,9 @@ def test_one_step_is_reinforce_with_kl_reward_and_moves_the_ema_anchor(tiny_poli
     # Hand computation with the same seed the trainer uses for step 0.
     prompts = prompt_batch(PROMPTS, config, spec, 0)
     torch.manual_seed(derived_seed(config.seed, 1, 1, "step", 0))
-    batch = pi.sample(policy, trainer.tokenizer, prompts, temperature=config.temperature, max_new_tokens=5)
+    batch = pi.sample(
+        policy, trainer.tokenizer, [p.text for p in prompts], temperature=config.temperature, max_new_tokens=5
+    )
     r = good_fraction(prompts, pi.decode(trainer.tokenizer, batch))
     logp = pi.sequence_logprobs(pi.token_logits(policy, batch, config.temperature), batch)
     with torch.no_grad():

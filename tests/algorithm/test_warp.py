@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import PROMPTS, good_fraction, hand_slerp, make_tokenizer, tiny_config, train_tiny_warp
+from tests.helpers import PROMPT_TEXTS, good_fraction, hand_slerp, make_tokenizer, tiny_config, train_tiny_warp
 from warp_rlhf import policy as pi
 from warp_rlhf.algorithm.merge import copy_into, model_state
 from warp_rlhf.algorithm.reinforce import Trainer
@@ -64,7 +64,7 @@ def test_reward_rises_and_warp_beats_the_sft_policy(tiny_policy, tmp_path):
         if state is not None:
             copy_into(model, state)
         torch.manual_seed(123)
-        batch = pi.sample(model, make_tokenizer(), PROMPTS * 4, temperature=0.9, max_new_tokens=5)
+        batch = pi.sample(model, make_tokenizer(), PROMPT_TEXTS * 4, temperature=0.9, max_new_tokens=5)
         return good_fraction(None, pi.decode(make_tokenizer(), batch)).mean().item()
 
     sft, warp = mean_reward(None), mean_reward(final)

@@ -53,8 +53,8 @@ def test_splits_are_disjoint_by_row(reviews_csv):
     rows = {
         "reward_train": {t.split()[0] for pair in splits.reward_train for t in pair},
         "reward_eval": {t.split()[0] for pair in splits.reward_eval for t in pair},
-        "rl_prompts": {p.split()[0] for p in splits.rl_prompts},
-        "eval_prompts": {p.split()[0] for p in splits.eval_prompts},
+        "rl_prompts": {p.text.split()[0] for p in splits.rl_prompts},
+        "eval_prompts": {p.text.split()[0] for p in splits.eval_prompts},
     }
     assert [len(r) for r in rows.values()] == [120, 40, 50, 30]
     for a in rows:
@@ -74,7 +74,7 @@ def test_prompts_have_the_configured_token_range(reviews_csv):
     config = config_for(reviews_csv, prompt_min_tokens=2, prompt_max_tokens=4)
     tokenizer = make_tokenizer()
     splits = split_reviews(load_reviews(config), config, tokenizer)
-    lengths = {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in splits.eval_prompts}
+    lengths = {len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in splits.eval_prompts}
     assert lengths <= {2, 3, 4} and len(lengths) > 1
 
 
@@ -149,7 +149,7 @@ def test_prompts_have_at_least_prompt_min_tokens_and_short_reviews_give_none(tmp
         handle.writelines(f"{f'w{i}' if i % 2 else f'w{i} x{i}'},{i % 2}\n" for i in range(40))
     config = config_for(path, prompt_min_tokens=3, prompt_max_tokens=4, rl_prompts=60, eval_prompts=40)
     splits = split_reviews(load_reviews(config), config, make_tokenizer())
-    lengths = [len(make_tokenizer()(p, add_special_tokens=False)["input_ids"]) for p in splits.rl_prompts]
+    lengths = [len(make_tokenizer()(p.text, add_special_tokens=False)["input_ids"]) for p in splits.rl_prompts]
     assert min(lengths) >= 3 and len(splits.rl_prompts) == 60 and len(splits.eval_prompts) == 40
 
 

@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.helpers import make_tokenizer
+from warp_rlhf.algorithm.reinforce import Prompt
 from warp_rlhf.stages.evaluate import distinct_n, mean_and_se, sample_policy, token_kl
+from warp_rlhf.stages.rewards import Reward, Rewards
 
 SMALL_VOCAB = ["<pad>", "<unk>", "<eos>", "x", "a", "b", "c"]
 EOS = 2
@@ -44,12 +46,8 @@ def exact_sequence_kl(policy, reference, prompt: list[int], max_new_tokens: int,
     return total
 
 
-def no_reward(prompts, completions):
-    return torch.zeros(len(completions))
-
-
-def no_judge(texts):
-    return [0.0] * len(texts)
+NO_REWARD = Rewards([Reward("zero", 1.0, lambda prompts, completions: [0.0] * len(completions))])
+X = [Prompt("x")]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
@@ -58,8 +56,8 @@ def test_both_kl_estimators_agree_with_the_enumerated_sequence_kl(temperature):
     tokenizer = make_tokenizer(SMALL_VOCAB)
     exact = exact_sequence_kl(policy, sft, [3], max_new_tokens=3, temperature=temperature)
     samples = sample_policy(
-        policy, sft, tokenizer, ["x"] * 3000, temperature=temperature, max_new_tokens=3, seed=0,
-        reward=no_reward, judge=no_judge, batch_size=1000,
+        policy, sft, tokenizer, X * 3000, temperature=temperature, max_new_tokens=3, seed=0,
+        rewards=NO_REWARD, judge=None, batch_size=1000,
     )  # fmt: skip
     summary = samples.summary()
     assert exact > 0.05  # the two policies really differ
@@ -73,8 +71,8 @@ def test_both_kl_estimators_agree_with_the_enumerated_sequence_kl(temperature):
 def test_kl_of_a_policy_to_itself_is_zero():
     policy = small_model(1)
     samples = sample_policy(
-        policy, policy, make_tokenizer(SMALL_VOCAB), ["x"] * 20, temperature=1.0, max_new_tokens=3, seed=0,
-        reward=no_reward, judge=no_judge,
+        policy, policy, make_tokenizer(SMALL_VOCAB), X * 20, temperature=1.0, max_new_tokens=3, seed=0,
+        rewards=NO_REWARD, judge=None,
     )  # fmt: skip
     assert max(map(abs, samples.kl_k1)) < 1e-5 and max(map(abs, samples.kl_exact)) < 1e-5
 
@@ -103,8 +101,8 @@ def test_evaluation_is_deterministic_for_a_seed():
 
     def run(seed):
         return sample_policy(
-            policy, sft, tokenizer, ["x"] * 30, temperature=1.0, max_new_tokens=3, seed=seed,
-            reward=no_reward, judge=no_judge, batch_size=7,
+            policy, sft, tokenizer, X * 30, temperature=1.0, max_new_tokens=3, seed=seed,
+            rewards=NO_REWARD, judge=None, batch_size=7,
         ).summary()  # fmt: skip
 
     assert run(0) == run(0) and run(0) != run(1)

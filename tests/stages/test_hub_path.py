@@ -18,7 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def classic(tmp_path_factory):
     from datasets import Dataset
-    from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        DistilBertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     root = tmp_path_factory.mktemp("classic")
     tokenizer = make_tokenizer()
@@ -42,6 +48,22 @@ def classic(tmp_path_factory):
         )  # fmt: skip
     ).save_pretrained(root / "distilbert")
     make_tokenizer().save_pretrained(root / "distilbert")
+    classifier = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=len(VOCAB),
+            dim=32,
+            hidden_dim=64,
+            n_layers=2,
+            n_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            num_labels=2,
+            id2label={0: "NEGATIVE", 1: "POSITIVE"},
+            label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        )
+    )  # fmt: skip  (the shape of lvwerra/distilbert-imdb: NEGATIVE is output 0, POSITIVE output 1)
+    classifier.save_pretrained(root / "distilbert-imdb")
+    make_tokenizer().save_pretrained(root / "distilbert-imdb")
     rng = random.Random(0)
     rows = [{"text": synthetic_review(rng, i % 2 == 0) + " <br />", "label": int(i % 2 == 0)} for i in range(300)]
     Dataset.from_list(rows).to_parquet(str(root / "imdb-train.parquet"))
@@ -66,3 +88,29 @@ def test_the_classic_config_runs_through_the_embedded_code_path(classic, tmp_pat
 
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")).__name__ == "GPT2LMHeadModel"
     assert "WARP − SFT reward" in capsys.readouterr().out
+
+
+def test_trls_classic_sentiment_setup_rewards_the_positive_logit(classic, tmp_path):
+    """configs/trl-sentiment.yaml with local stand-ins: GPT-2 continues review openings, the reward
+    is the two-label classifier's POSITIVE output (index 1), and no reward model is trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    args = [
+        "run", "--config", str(REPO / "configs" / "trl-sentiment.yaml"),
+        "--policy", str(classic / "gpt2"), "--reward_funcs", f"{classic / 'distilbert-imdb'}[POSITIVE]",
+        "--dataset", str(classic / "imdb-train.parquet"), "--output_dir", str(tmp_path / "run"),
+        "--rl_prompts", "40", "--eval_prompts", "10", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "5",
+        "--front_points", "2", "--trajectory_points", "1", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "run"
+    assert not (out / "reward_model").exists()
+    rows = [json.loads(line) for line in (out / "eval" / "completions.jsonl").read_text().splitlines()]
+    sft = [row for row in rows if row["policy"] == "sft"]
+    model = AutoModelForSequenceClassification.from_pretrained(classic / "distilbert-imdb").eval()
+    texts = [row["prompt"] + row["completion"] for row in sft]
+    with torch.no_grad():
+        logits = model(**make_tokenizer()(texts, return_tensors="pt", padding=True)).logits
+    rewards = torch.tensor([row["reward"] for row in sft])
+    assert torch.allclose(rewards, logits[:, 1], atol=1e-4) and not torch.allclose(rewards, logits[:, 0], atol=1e-2)
+    assert "judge" in sft[0]  # VADER, as the config asks

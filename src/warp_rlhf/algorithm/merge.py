@@ -15,7 +15,14 @@ import torch
 State = dict[str, torch.Tensor]
 
 SIN_EPSILON = 1e-6
-"""Below this sin Ω the two task vectors are taken as collinear and SLERP falls back to LERP."""
+"""Below this sin Ω two task vectors are collinear and SLERP falls back to LERP. The Gram matrix
+is exact to about 1e-16 relative (float64 products of fp32 numbers), which resolves sin Ω down to
+about 1e-8: the threshold sits well above what rounding can produce."""
+
+ZERO_NORM = 1e-6
+"""A task vector whose norm is at most this fraction of the magnitudes it is compared with (the
+other vector, and the vectors it was summed from) is zero: its direction is rounding, so SLERP
+falls back to LERP rather than follow it."""
 
 
 def model_state(model: torch.nn.Module) -> State:
@@ -55,14 +62,18 @@ def lerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.lerp(a, b, weight)
 
 
-def slerp_coefficients(norm_1: float, norm_2: float, dot: float, weight: float) -> tuple[float, float]:
-    """(c1, c2) with SLERP(δ1, δ2; λ) = c1 δ1 + c2 δ2 (paper Eq. 3).
+def slerp_coefficients(
+    norm_1: float, norm_2: float, dot: float, weight: float, *, scale: float | None = None
+) -> tuple[float, float]:
+    """(c1, c2) with SLERP(δ1, δ2; λ) = c1 δ1 + c2 δ2 (paper Eq. 3), from float64 norms and dot.
 
     cos Ω = ⟨δ1, δ2⟩ / (‖δ1‖ ‖δ2‖), clamped to [−1, 1]; c1 = sin((1 − λ)Ω) / sin Ω,
-    c2 = sin(λΩ) / sin Ω. LERP's (1 − λ, λ) where a norm is zero, a value is not finite, or
-    sin Ω < SIN_EPSILON (near-collinear), so the result is never NaN.
+    c2 = sin(λΩ) / sin Ω. LERP's (1 − λ, λ) where a vector is zero (`ZERO_NORM` of `scale`,
+    by default the larger norm), a value is not finite, or sin Ω < `SIN_EPSILON` (collinear,
+    antipodal, or any two 1-element tensors), so the result is never NaN.
     """
-    if norm_1 == 0.0 or norm_2 == 0.0 or not math.isfinite(dot * norm_1 * norm_2):
+    scale = max(norm_1, norm_2) if scale is None else max(scale, norm_1, norm_2)
+    if not math.isfinite(dot * norm_1 * norm_2) or min(norm_1, norm_2) <= ZERO_NORM * scale:
         return 1.0 - weight, weight
     omega = math.acos(max(-1.0, min(1.0, dot / (norm_1 * norm_2))))
     sin_omega = math.sin(omega)
@@ -73,7 +84,7 @@ def slerp_coefficients(norm_1: float, norm_2: float, dot: float, weight: float) 
 
 def slerp(delta_1: torch.Tensor, delta_2: torch.Tensor, weight: float) -> torch.Tensor:
     """Spherical interpolation of two task vectors, per tensor (flattened); λ = 0 gives δ1, λ = 1 gives δ2."""
-    a, b = delta_1.reshape(-1).float(), delta_2.reshape(-1).float()
+    a, b = delta_1.reshape(-1).double(), delta_2.reshape(-1).double()
     c1, c2 = slerp_coefficients(a.norm().item(), b.norm().item(), torch.dot(a, b).item(), weight)
     return torch.add(delta_1 * c1, delta_2, alpha=c2)
 
@@ -102,17 +113,39 @@ def slerp_weights(gram: list[list[float]], weight: float | None) -> list[float]:
 
     Every SLERP is a linear combination of its two inputs (Eq. 3), so the running merge
     s = Σ w_m δ_m never needs materialising: ‖s‖² = wᵀGw and ⟨s, δ_m⟩ = (Gw)_m follow from
-    the Gram matrix G_ij = ⟨δ_i, δ_j⟩ of the task vectors.
+    the Gram matrix G_ij = ⟨δ_i, δ_j⟩ of the task vectors. s is judged zero against Σ |w_i| ‖δ_i‖,
+    the size of what it was summed from: two runs that cancel leave a zero, not a direction of
+    rounding that the next run would be turned towards.
     """
+    return _iterate(gram, weight)[0]
+
+
+def _iterate(gram: list[list[float]], weight: float | None) -> tuple[list[float], float]:
+    """(the weights of `slerp_weights`, the closest any step came to a LERP fallback: the
+    smallest of sin Ω and the ratios of a norm to its scale)."""
     runs = len(gram)
-    w = [1.0] + [0.0] * (runs - 1)
+    norms = [math.sqrt(max(0.0, gram[i][i])) for i in range(runs)]
+    w, closest = [1.0] + [0.0] * (runs - 1), math.inf
     for m, lam in enumerate(_weights(runs, weight), start=1):
         g_w = [sum(gram[i][j] * w[j] for j in range(runs)) for i in range(runs)]
         norm_s = math.sqrt(max(0.0, sum(w[i] * g_w[i] for i in range(runs))))
-        c1, c2 = slerp_coefficients(norm_s, math.sqrt(gram[m][m]), g_w[m], lam)
+        scale = max(sum(abs(w[i]) * norms[i] for i in range(runs)), norms[m])
+        if norm_s > 0 and norms[m] > 0:
+            cos = max(-1.0, min(1.0, g_w[m] / (norm_s * norms[m])))
+            closest = min(closest, math.sqrt(1 - cos * cos), norm_s / scale, norms[m] / scale)
+        else:
+            closest = 0.0
+        c1, c2 = slerp_coefficients(norm_s, norms[m], g_w[m], lam, scale=scale)
         w = [c1 * x for x in w]
         w[m] += c2
-    return w
+    return w, closest
+
+
+def lerp_weights(runs: int, weight: float | None) -> list[float]:
+    """LERP of task vectors, their weighted average: (1 − λ, λ) for M = 2, else 1/M each."""
+    if runs == 2 and weight is not None:
+        return [1.0 - weight, weight]
+    return [1.0 / runs] * runs
 
 
 def _task_vectors(
@@ -128,26 +161,37 @@ def _task_vectors(
 MERGE_CHUNK = 1 << 20
 """Elements per piece of a tensor: M pieces of task vectors (4 MiB each) stay in the CPU cache."""
 
+DELICATE = 1e-3
+"""Within this of a fallback (sin Ω or a norm ratio), fp32 dot products (relative error up to
+about 1e-6) could decide SLERP against LERP: the Gram matrix is then taken again from float64
+products. Task vectors of real runs are far from it; 1-element tensors, antipodal and cancelling
+runs are not."""
+
 
 @torch.no_grad()
-def slerp_merge(
+def merge_task_vectors(
     init: State,
     load_run_tensor: Callable[[int, str], torch.Tensor],
     runs: int,
     weight: float | None,
+    method: str = "slerp",
     chunk: int = MERGE_CHUNK,
 ) -> State:
-    """θ_slerp = θ_init + SLERP(θ_1 − θ_init, …, θ_M − θ_init), tensor by tensor (Alg. 1).
+    """θ_init + SLERP(θ_1 − θ_init, …, θ_M − θ_init), tensor by tensor (Alg. 1), or with
+    `method="lerp"` θ_init + the weighted average of the task vectors (`lerp_weights`).
 
     `load_run_tensor(m, name)` returns run m's tensor `name`, so finished runs stay on disk and
     one tensor of each is in memory at a time. Two passes over each tensor, in cache-sized
-    pieces: the first accumulates the task vectors' Gram matrix (in float64), which gives the
-    merge weights (`slerp_weights`); the second writes θ_init + Σ_m w_m δ_m. A tensor that fits
-    in one piece keeps its task vectors from the first pass; a larger one recomputes them
-    rather than writing and re-reading full-size differences. The only new memory is the
-    result. Merging full weights instead of task vectors would behave like LERP (paper
-    Fig. 10c), so the init is always subtracted first.
+    pieces: the first accumulates the task vectors' Gram matrix over pieces in float64 (`_gram`;
+    the products too where the merge comes near a fallback, `DELICATE`), which gives the SLERP
+    weights (`slerp_weights`); the second writes θ_init + Σ_m w_m δ_m. A tensor that fits
+    in one piece keeps its task vectors from the first pass; a larger one recomputes them rather
+    than writing and re-reading full-size differences. The only new memory is the result.
+    Merging full weights instead of task vectors would behave like LERP (paper Fig. 10c), so the
+    init is always subtracted first.
     """
+    if method not in {"slerp", "lerp"}:
+        raise ValueError(f"merge method {method!r} is not slerp or lerp")
     buffers: dict[torch.dtype, torch.Tensor] = {}
     merged: State = {}
     for name, base in init.items():
@@ -155,23 +199,39 @@ def slerp_merge(
         finals = [load_run_tensor(m, name).reshape(-1).to(flat) for m in range(runs)]
         buffer = buffers.setdefault(base.dtype, torch.empty(runs, chunk, dtype=base.dtype, device=base.device))
         pieces = range(0, flat.numel(), chunk)
-        gram = [[0.0] * runs for _ in range(runs)]
-        for start in pieces:
-            piece = _task_vectors(finals, flat, buffer, start, min(flat.numel(), start + chunk))
-            for i in range(runs):
-                for j in range(i, runs):
-                    gram[i][j] += torch.dot(piece[i], piece[j]).item()
-                    gram[j][i] = gram[i][j]
-        w = slerp_weights(gram, weight)
+        kept = method == "slerp" and len(pieces) == 1  # the first pass leaves the task vectors in `buffer`
+        if method == "lerp":
+            w = lerp_weights(runs, weight)
+        else:
+            w, closest = _iterate(_gram(finals, flat, buffer, chunk, exact=False), weight)
+            if closest < DELICATE:
+                w = slerp_weights(_gram(finals, flat, buffer, chunk, exact=True), weight)
         result = torch.empty_like(flat)
         for start in pieces:
             stop = min(flat.numel(), start + chunk)
-            piece = buffer[:, : stop - start] if len(pieces) == 1 else _task_vectors(finals, flat, buffer, start, stop)
+            piece = buffer[:, : stop - start] if kept else _task_vectors(finals, flat, buffer, start, stop)
             torch.add(flat[start:stop], piece[0], alpha=w[0], out=result[start:stop])
             for m in range(1, runs):
                 result[start:stop].add_(piece[m], alpha=w[m])
         merged[name] = result.reshape(base.shape)
     return merged
+
+
+def _gram(
+    finals: list[torch.Tensor], flat: torch.Tensor, buffer: torch.Tensor, chunk: int, *, exact: bool
+) -> list[list[float]]:
+    """G_ij = ⟨δ_i, δ_j⟩, summed over pieces in float64; with `exact`, each piece's products too
+    (fp32 numbers multiply exactly in float64, so two 1-element or antipodal task vectors give
+    |cos Ω| = 1 up to 1e-16). Leaves the last piece's task vectors in `buffer`."""
+    runs, gram = len(finals), [[0.0] * len(finals) for _ in finals]
+    for start in range(0, flat.numel(), chunk):
+        piece = _task_vectors(finals, flat, buffer, start, min(flat.numel(), start + chunk))
+        rows = piece.double() if exact else piece
+        for i in range(runs):
+            for j in range(i, runs):
+                gram[i][j] += torch.dot(rows[i], rows[j]).item()
+                gram[j][i] = gram[i][j]
+    return gram
 
 
 def liti(init: State, merged: State, rate: float) -> State:

@@ -25,8 +25,9 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +48,23 @@ from warp_rlhf.cpu import lean_backward
 from warp_rlhf.errors import WarpError
 from warp_rlhf.layout import RunFolder
 
-RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt x. `text` is what the policy continues (a chat template already applied); `raw` is
+    the prompt as its dataset holds it, a text or {role, content} messages (None: `text`), and
+    `columns` the rest of its row: TRL hands both to reward functions."""
+
+    text: str
+    raw: str | list[dict] | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.raw, list)
+
+
+RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
 
 RUN_FIELDS = (
@@ -88,7 +105,7 @@ class RunSpec:
 class Trajectory:
     """One step's samples, none with a gradient: what `collect` gathers."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     rollout: pi.Rollout
     score: torch.Tensor  # r(x_b, y_b), (B,)
     logp_anchor: torch.Tensor  # ℓ_b^ema under the anchor, (B,)
@@ -106,7 +123,7 @@ class UpdateStats:
     learning_rate: float
 
 
-def prompt_batch(prompts: list[str], config: WarpConfig, spec: RunSpec, step: int) -> list[str]:
+def prompt_batch(prompts: list[Prompt], config: WarpConfig, spec: RunSpec, step: int) -> list[Prompt]:
     """Step t's prompts: the next B of a run-specific, epoch-wise seeded order."""
     n, batch = len(prompts), []
     for k in range(step * config.batch_size, (step + 1) * config.batch_size):
@@ -188,7 +205,7 @@ class _WholeBatch:
 class Trainer:
     """Holds one policy, its anchor and the run's inputs; runs REINFORCE runs one at a time."""
 
-    def __init__(self, config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[str]):
+    def __init__(self, config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[Prompt]):
         if not prompts:
             raise TrainingError("no RL prompts to train on")
         self.config, self.tokenizer, self.reward, self.prompts = config, tokenizer, reward, prompts
@@ -230,12 +247,15 @@ class Trainer:
             rollout = pi.sample(
                 self.policy,
                 self.tokenizer,
-                prompts,
+                [prompt.text for prompt in prompts],
                 temperature=config.temperature,
                 max_new_tokens=config.max_new_tokens,
             )
         with clock.phase("reward"):
-            score = self.reward(prompts, pi.decode(self.tokenizer, rollout)).float()
+            try:
+                score = self.reward(prompts, pi.decode(self.tokenizer, rollout)).float()
+            except TrainingError as error:
+                raise TrainingError(f"{spec.name} step {step + 1}: {error}") from None
         if not torch.isfinite(score).all():
             raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
         with clock.phase("anchor"), torch.no_grad():

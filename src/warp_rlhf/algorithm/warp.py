@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from warp_rlhf.algorithm.merge import State, liti, slerp_merge
+from warp_rlhf.algorithm.merge import State, liti, merge_task_vectors
 from warp_rlhf.algorithm.reinforce import RunSpec, TrainingError
 from warp_rlhf.checkpoint import (
     UnreadableFile,
@@ -59,7 +59,7 @@ def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) 
             _check_readable([out.init(iteration)], finished)  # before training the others
             run_all([spec for spec in specs if spec not in finished], out.init(iteration))
             _check_readable([], specs)
-            merged = slerp_merge(
+            merged = merge_task_vectors(
                 load_tensors(out.init(iteration)),
                 _run_tensors([spec.folder for spec in specs]),
                 config.runs,

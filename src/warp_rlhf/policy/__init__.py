@@ -5,13 +5,14 @@ It imports nothing of warp-rlhf above it; the CPU fast paths it takes are in `wa
 
 from warp_rlhf.policy.logprobs import completion_logprobs, sequence_logprobs, token_logits
 from warp_rlhf.policy.rollout import Rollout, build_rollout, decode, mean_entropy
-from warp_rlhf.policy.sampling import sample
+from warp_rlhf.policy.sampling import encode_prompts, sample
 
 __all__ = [
     "Rollout",
     "build_rollout",
     "completion_logprobs",
     "decode",
+    "encode_prompts",
     "mean_entropy",
     "sample",
     "sequence_logprobs",

@@ -20,11 +20,31 @@ def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first when it encodes with its special tokens."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def encode_prompts(tokenizer, prompts: list[str]):
+    """Left-padded prompt ids and mask; each prompt starts with the BOS token where the tokenizer
+    adds one (Llama, Gemma), as the model saw in training. Other special tokens a tokenizer may
+    add around a text (an EOS after it) are not: a prompt is continued, not ended."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if adds_bos(tokenizer):
+        ids = [[tokenizer.bos_token_id, *row] for row in ids]
+    return tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+
+
 @torch.no_grad()
 def sample(
     model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False
 ) -> Rollout | tuple[Rollout, torch.Tensor]:
     """Sample one completion per prompt (uses the global torch RNG: seed it first).
+
+    Prompts start with the tokenizer's BOS token where it adds one (`encode_prompts`).
 
     A prefill of the prompts, then a KV-cache decode loop: softmax(logits / τ) over the whole
     vocabulary, stopping when every row has emitted EOS or after L tokens. The prefill is packed
@@ -33,8 +53,7 @@ def sample(
     every completion position, shape (B, L, V), taken from generation itself (no second forward).
     """
     device = next(model.parameters()).device
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    batch = batch.to(device)
+    batch = encode_prompts(tokenizer, prompts).to(device)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     eos = eos_ids(tokenizer, model)
     eos_tensor = torch.tensor(eos, device=device)

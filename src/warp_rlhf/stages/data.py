@@ -1,12 +1,15 @@
-"""Reviews → cleaned texts with binary labels → disjoint splits, prompts and preference pairs.
+"""Data → disjoint splits: reward-model pairs, RL prompts and held-out prompts.
 
-Splits (all disjoint, cut after a seeded shuffle of de-duplicated reviews):
-reward-model train pairs, reward-model eval pairs, RL prompts, held-out eval prompts.
-A pair is (chosen = a positive review, rejected = a negative review), matched at random.
-Prompts are the first k policy tokens of a review, k uniform in
-[prompt_min_tokens, prompt_max_tokens]. Reward-model texts are cut to k + max_new_tokens
-policy tokens, the length of what the policy will write, so the reward model judges texts
-shaped like the completions it will score.
+Two kinds of `dataset`, told apart by their columns:
+
+- **a prompt dataset** (TRL's prompt-only format): a `prompt_column` holding a text or a list of
+  {role, content} messages (`prompts.py`); its other columns reach the reward functions;
+- **reviews**: a text and a binary label column. Prompts are the first k policy tokens of a
+  review, k uniform in [prompt_min_tokens, prompt_max_tokens]; a reward pair is (chosen = a
+  positive review, rejected = a negative review), matched at random, each cut to
+  k + max_new_tokens policy tokens, the shape of what the policy will write.
+
+All splits are cut after a seeded shuffle and are disjoint.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from warp_rlhf.algorithm.reinforce import Prompt
 from warp_rlhf.config import EMBEDDED, WarpConfig
 from warp_rlhf.errors import DataError
 from warp_rlhf.stages import assets
+from warp_rlhf.stages.prompts import preference_pairs, prompt_rows, split_pairs, split_prompts
 
 _LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _POSITIVE = {1, "1", "pos", "positive"}
@@ -35,10 +40,11 @@ class Reviews:
 
 @dataclass
 class Splits:
-    reward_train: list[tuple[str, str]]  # (chosen, rejected)
+    reward_train: list[tuple[str, str]]  # (chosen, rejected) texts as the reward model reads them
     reward_eval: list[tuple[str, str]]
-    rl_prompts: list[str]
-    eval_prompts: list[str]
+    rl_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    kind: str = "reviews"  # or "prompts": what `dataset` held
 
 
 def clean(text: str) -> str:
@@ -46,13 +52,24 @@ def clean(text: str) -> str:
     return _SPACES.sub(" ", _BREAK.sub(" ", text)).strip()
 
 
-def _load_table(config: WarpConfig):
+def load_table(name: str, split: str):
+    """A dataset as a `datasets.Dataset`: 'embedded' (IMDB), a local CSV / JSONL / Parquet file or
+    folder, or a hub name; any failure is one `DataError` naming it and the cause."""
+    try:
+        return _load_table(name, split)
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs one line
+        raise DataError(f"dataset {name} cannot be loaded: {_reason(error)}") from None
+
+
+def _load_table(name: str, split: str):
     from datasets import load_dataset
 
-    if config.dataset == EMBEDDED:
+    if name == EMBEDDED:
         table = load_dataset("csv", data_files=str(assets.reviews_csv()), split="train")
         return table.filter(lambda source: source == "imdb", input_columns="source")
-    path = Path(config.dataset)
+    path = Path(name)
     if path.is_file():
         kind = _LOCAL_FORMATS.get(path.suffix.lower())
         if kind is None:
@@ -60,10 +77,10 @@ def _load_table(config: WarpConfig):
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return load_dataset(kind, data_files=str(path), split="train", **extra)
     if path.is_dir():
-        return load_dataset(str(path), split=config.dataset_split)
-    if config.dataset.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_FORMATS:
-        raise DataError(f"dataset {config.dataset} does not exist")
-    return load_dataset(config.dataset, split=config.dataset_split)
+        return load_dataset(str(path), split=split)
+    if name.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_FORMATS:
+        raise DataError(f"dataset {name} does not exist")
+    return load_dataset(name, split=split)
 
 
 def _binary(value) -> int:
@@ -76,14 +93,9 @@ def _binary(value) -> int:
     raise DataError(f"label {value!r} is not binary: use 1/0, pos/neg or positive/negative")
 
 
-def load_reviews(config: WarpConfig) -> Reviews:
+def load_reviews(config: WarpConfig, table=None) -> Reviews:
     """Load, clean and de-duplicate the reviews; labels become 1 (positive) / 0 (negative)."""
-    try:
-        table = _load_table(config)
-    except DataError:
-        raise
-    except Exception as error:  # datasets raises many types; the user needs one line
-        raise DataError(f"dataset {config.dataset} cannot be loaded: {_reason(error)}") from None
+    table = load_table(config.dataset, config.dataset_split) if table is None else table
     for column in (config.text_column, config.label_column):
         if column not in table.column_names:
             raise DataError(
@@ -124,18 +136,21 @@ def _reason(error: BaseException) -> str:
 
 def first_tokens(texts: list[str], tokenizer, lengths: list[int]) -> list[str]:
     """The first `lengths[i]` tokens of each text, decoded back to a string."""
+    if not texts:
+        return []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths, strict=True)]
 
 
-def split_reviews(reviews: Reviews, config: WarpConfig, tokenizer) -> Splits:
-    """Cut the disjoint splits; `tokenizer` is the policy's (prompt lengths are in its tokens)."""
+def split_reviews(reviews: Reviews, config: WarpConfig, tokenizer, *, pairs: bool = True) -> Splits:
+    """Cut the disjoint splits; `tokenizer` is the policy's (prompt lengths are in its tokens).
+    Without `pairs` (no reward model to train), every review may give a prompt."""
     rng = random.Random(config.seed)
     positive = [i for i, label in enumerate(reviews.labels) if label == 1]
     negative = [i for i, label in enumerate(reviews.labels) if label == 0]
     rng.shuffle(positive)
     rng.shuffle(negative)
-    n_train, n_eval = config.reward_train_pairs, config.reward_eval_pairs
+    n_train, n_eval = (config.reward_train_pairs, config.reward_eval_pairs) if pairs else (0, 0)
     per_class = n_train + n_eval
     rest = positive[per_class:] + negative[per_class:]
     rng.shuffle(rest)
@@ -157,8 +172,9 @@ def split_reviews(reviews: Reviews, config: WarpConfig, tokenizer) -> Splits:
         rejected = first_tokens(rejected, tokenizer, [k + config.max_new_tokens for k in prompt_lengths(size)])
         return list(zip(chosen, rejected, strict=True))
 
-    def prompts(indices: list[int]) -> list[str]:
-        return first_tokens([reviews.texts[i] for i in indices], tokenizer, prompt_lengths(len(indices)))
+    def prompts(indices: list[int]) -> list[Prompt]:
+        texts = first_tokens([reviews.texts[i] for i in indices], tokenizer, prompt_lengths(len(indices)))
+        return [Prompt(text) for text in texts]
 
     reward_train, reward_eval = pairs(0, n_train), pairs(n_train, per_class)
     usable = _with_tokens(rest, reviews.texts, tokenizer, config.prompt_min_tokens, n_prompts)
@@ -186,3 +202,74 @@ def _with_tokens(indices: list[int], texts: list[str], tokenizer, least: int, wa
         if len(kept) >= wanted:
             return kept[:wanted]
     return kept
+
+
+def make_splits(config: WarpConfig, tokenizers: list, *, pairs: bool, window: int | None = None) -> Splits:
+    """The run's splits from `dataset` (and `eval_dataset`, `reward_dataset` when given). `tokenizers`:
+    any whose chat template renders preference conversations first, the policy's last. `window`:
+    the policy's context, which every prompt and `max_new_tokens` must fit."""
+    policy_tokenizer = tokenizers[-1]
+    table = load_table(config.dataset, config.dataset_split)
+    columns = table.column_names
+    if config.prompt_column in columns:
+        prompts = prompt_rows(table, config, policy_tokenizer, config.dataset)
+        rl, held_out = split_prompts(prompts, _held_out(config, policy_tokenizer), config)
+        splits = Splits([], [], rl, held_out, kind="prompts")
+        _check_lengths(rl + held_out, policy_tokenizer, config, window)
+    elif config.text_column in columns or config.label_column in columns:  # reviews; `load_reviews` names a gap
+        splits = split_reviews(load_reviews(config, table), config, policy_tokenizer, pairs=pairs)
+        held_out = _held_out(config, policy_tokenizer)
+        if held_out is not None:
+            splits.eval_prompts = held_out[: config.eval_prompts]
+    else:
+        raise DataError(
+            f"dataset {config.dataset} has neither a '{config.prompt_column}' column (prompts) nor "
+            f"'{config.text_column}' and '{config.label_column}' columns (reviews) (columns: {', '.join(columns)})"
+        )
+    if pairs and (config.reward_dataset or splits.kind == "prompts"):
+        source = table
+        if config.reward_dataset:
+            source = load_table(config.reward_dataset, config.dataset_split)
+        elif not {"chosen", "rejected"} <= set(columns):
+            raise DataError(
+                f"dataset {config.dataset} holds prompts but no preference pairs to train the reward model on: "
+                "give reward_funcs, or a reward_dataset with chosen and rejected columns"
+            )
+        name = config.reward_dataset or config.dataset
+        splits.reward_train, splits.reward_eval = split_pairs(
+            preference_pairs(source, config, tokenizers, name), config
+        )
+    return splits
+
+
+def _check_lengths(prompts: list[Prompt], tokenizer, config: WarpConfig, window: int | None) -> None:
+    if window is None:
+        return
+    room = window - config.max_new_tokens
+    lengths = [len(ids) + 1 for ids in tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
+    longer = sum(length > room for length in lengths)
+    if longer:
+        raise DataError(
+            f"dataset {config.dataset}: {longer} prompt(s) have more than the {room} tokens that the policy's context "
+            f"({window}) leaves after max_new_tokens ({config.max_new_tokens}): shorten them or lower max_new_tokens"
+        )
+
+
+def _held_out(config: WarpConfig, tokenizer) -> list[Prompt] | None:
+    """The held-out prompts of `eval_dataset` (or of `eval_split` of `dataset`), when one is given."""
+    if config.eval_dataset is None and config.eval_split is None:
+        return None
+    name = config.eval_dataset or config.dataset
+    table = load_table(name, config.eval_split or config.dataset_split)
+    if config.prompt_column not in table.column_names:
+        raise DataError(f"eval dataset {name} has no column '{config.prompt_column}' of prompts")
+    return prompt_rows(table, config, tokenizer, name)
+
+
+def read_splits(data: dict) -> Splits:
+    """`Splits` from `data/splits.json` (prompts saved as plain texts by earlier versions too)."""
+    prompts = {
+        k: [Prompt(**p) if isinstance(p, dict) else Prompt(p) for p in data[k]] for k in ("rl_prompts", "eval_prompts")
+    }
+    pairs = {k: [tuple(p) for p in data[k]] for k in ("reward_train", "reward_eval")}
+    return Splits(**pairs, **prompts, kind=data.get("kind", "reviews"))

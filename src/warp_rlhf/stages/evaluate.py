@@ -10,14 +10,24 @@ generation itself, the SFT policy's come from one forward. Standard errors are s
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from warp_rlhf import policy as pi
-from warp_rlhf.algorithm.reinforce import derived_seed
+from warp_rlhf.algorithm.reinforce import Prompt, derived_seed
+from warp_rlhf.checkpoint import write_json, write_text
+from warp_rlhf.stages.plots import plot_results
+from warp_rlhf.stages.rewards import Rewards
+
+Judge = Callable[[list[Prompt], list[str]], list[float]]
+"""An independent score of each completion, never optimised (VADER for sentiment, or any reward)."""
 
 EVAL_BATCH = 50
 
@@ -47,7 +57,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 @dataclass
 class Samples:
-    """Per-prompt values of one policy."""
+    """Per-prompt values of one policy. `rewards` holds each reward r_k when there are several
+    (`reward` is their weighted total); `judge` is empty without a judge."""
 
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
@@ -56,11 +67,15 @@ class Samples:
     kl_k1: list[float] = field(default_factory=list)
     kl_exact: list[float] = field(default_factory=list)
     length: list[float] = field(default_factory=list)
+    rewards: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {"n_prompts": len(self.prompts)}
         for name in ("reward", "judge", "kl_k1", "kl_exact", "length"):
-            out[f"{name}_mean"], out[f"{name}_se"] = mean_and_se(getattr(self, name))
+            if getattr(self, name):
+                out[f"{name}_mean"], out[f"{name}_se"] = mean_and_se(getattr(self, name))
+        for key, values in self.rewards.items():
+            out[f"reward_{key}_mean"], out[f"reward_{key}_se"] = mean_and_se(values)
         out["distinct_1"] = distinct_n(self.completions, 1)
         out["distinct_2"] = distinct_n(self.completions, 2)
         return out
@@ -71,13 +86,13 @@ def sample_policy(
     policy,
     sft,
     tokenizer,
-    prompts: list[str],
+    prompts: list[Prompt],
     *,
     temperature: float,
     max_new_tokens: int,
     seed: int,
-    reward: Callable[[list[str], list[str]], torch.Tensor],
-    judge: Callable[[list[str]], list[float]],
+    rewards: Rewards,
+    judge: Judge | None,
     batch_size: int = EVAL_BATCH,
 ) -> Samples:
     """Sample one completion per prompt from `policy` and score it against `sft` (may be `policy`)."""
@@ -86,51 +101,50 @@ def sample_policy(
         chunk = prompts[start : start + batch_size]
         torch.manual_seed(derived_seed(seed, "eval", index))  # the same seeds for every policy
         batch, logits = pi.sample(
-            policy, tokenizer, chunk, temperature=temperature, max_new_tokens=max_new_tokens, with_logits=True
-        )  # the policy's logits come from generation itself: no second forward
+            policy,
+            tokenizer,
+            [p.text for p in chunk],
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            with_logits=True,
+        )  # fmt: skip  (the policy's logits come from generation itself: no second forward)
         reference = logits if sft is policy else pi.token_logits(sft, batch, temperature)
         k1 = pi.sequence_logprobs(logits, batch) - pi.sequence_logprobs(reference, batch)
         exact = token_kl(logits, reference, batch.completion_mask)
         completions = pi.decode(tokenizer, batch)
-        samples.prompts += chunk
+        each = rewards.each(chunk, completions)
+        samples.prompts += [p.text for p in chunk]
         samples.completions += completions
-        samples.reward += reward(chunk, completions).tolist()
-        samples.judge += judge([p + c for p, c in zip(chunk, completions, strict=True)])
+        samples.reward += rewards.total(each).tolist()
+        if len(each) > 1:
+            for key, values in each.items():
+                samples.rewards.setdefault(key, []).extend(values.tolist())
+        if judge is not None:
+            samples.judge += list(judge(chunk, completions))
         samples.kl_k1 += k1.tolist()
         samples.kl_exact += exact.tolist()
         samples.length += batch.completion_lengths.float().tolist()
     return samples
 
 
-SUMMARY_COLUMNS = [
-    "reward_mean", "reward_se", "judge_mean", "judge_se", "kl_k1_mean", "kl_k1_se", "kl_exact_mean",
-    "kl_exact_se", "length_mean", "distinct_1", "distinct_2", "n_prompts",
-]  # fmt: skip
-
-
-def write_results(evaluated: dict[str, tuple[dict, Samples]], folder, out) -> dict:
+def write_results(evaluated: dict[str, tuple[dict, Samples]], folder: Path, out: Path) -> dict:
     """eval/results.json, results.csv, completions.jsonl and the plots; returns the results."""
-    import csv
-    import io
-    import json
-
-    from warp_rlhf.checkpoint import write_json, write_text
-    from warp_rlhf.stages.plots import plot_results
-
     policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
     results = {"policies": policies, "kl_in_plots": "kl_exact (exact-per-token estimator)"}
     write_json(folder / "results.json", results)
+    columns = [c for c in next(iter(policies.values())) if c not in {"kind"}]
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["policy", "kind", *SUMMARY_COLUMNS])
+    writer.writerow(["policy", "kind", *columns])
     for name, row in policies.items():
-        writer.writerow([name, row["kind"], *(row[c] for c in SUMMARY_COLUMNS)])
+        writer.writerow([name, row["kind"], *(row.get(c, "") for c in columns)])
     write_text(folder / "results.csv", table.getvalue())
-    lines = [
-        json.dumps({"policy": name, "prompt": p, "completion": c, "reward": r, "judge": j})
-        for name, (_, s) in evaluated.items()
-        for p, c, r, j in zip(s.prompts, s.completions, s.reward, s.judge, strict=True)
-    ]
+    lines = []
+    for name, (_, s) in evaluated.items():
+        for i, (p, c, r) in enumerate(zip(s.prompts, s.completions, s.reward, strict=True)):
+            line = {"policy": name, "prompt": p, "completion": c, "reward": r}
+            line |= {f"reward_{key}": values[i] for key, values in s.rewards.items()}
+            lines.append(json.dumps(line | ({"judge": s.judge[i]} if s.judge else {})))
     write_text(folder / "completions.jsonl", "\n".join(lines) + "\n")
     plot_results(policies, folder, out)
     return results

@@ -33,17 +33,20 @@ from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import LOCK_FILE, OutputDir
 
 SPLIT_FIELDS = {
-    "policy", "dataset", "dataset_split", "text_column", "label_column", "seed", "prompt_min_tokens",
-    "prompt_max_tokens", "reward_train_pairs", "reward_eval_pairs", "rl_prompts", "eval_prompts", "max_new_tokens",
+    "policy", "dataset", "dataset_split", "text_column", "label_column", "prompt_column", "eval_dataset",
+    "eval_split", "reward_dataset", "seed", "prompt_min_tokens", "prompt_max_tokens", "reward_train_pairs",
+    "reward_eval_pairs", "rl_prompts", "eval_prompts", "max_new_tokens",
 }  # fmt: skip
 """What `data/splits.json` depends on."""
 REWARD_FIELDS = SPLIT_FIELDS | {"reward_model", "reward_epochs", "reward_batch_size", "reward_learning_rate"}
-WARP_RUN_FIELDS = REWARD_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate"}
+OPTIMISED_FIELDS = REWARD_FIELDS | {"reward_funcs", "reward_weights"}
+"""What r(x, y), the reward a policy was trained on, depends on."""
+WARP_RUN_FIELDS = OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate"}
 """A finished WARP run of iteration i depends on its settings and on θ_init, i.e. on the merges before it."""
 BASELINE_FIELDS = (
-    REWARD_FIELDS | (set(RUN_FIELDS) - {"ema_rate"}) | {"iterations", "runs", "steps", "trajectory_points"}
+    OPTIMISED_FIELDS | (set(RUN_FIELDS) - {"ema_rate"}) | {"iterations", "runs", "steps", "trajectory_points"}
 )
-EVALUATION_FIELDS = REWARD_FIELDS | {"temperature"}
+EVALUATION_FIELDS = OPTIMISED_FIELDS | {"temperature", "judge"}
 
 
 def finished_work(out: Path) -> dict[str, set[str]]:
@@ -69,7 +72,7 @@ def has_progress(out: Path) -> bool:
     """Whether `out` holds anything worth keeping: finished work or a run's checkpoint, here or in
     one of its sweep's folders."""
     return (
-        bool(finished_work(out))
+        any(not piece.startswith("the data splits") for piece in finished_work(out))  # splits are quick to cut again
         or any(out.glob("iter_*/run_*/checkpoint"))
         or OutputDir(out).baseline.checkpoint.exists()
         or any(has_progress(value) for value in out.glob("sweep/*=*"))

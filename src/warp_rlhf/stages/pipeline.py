@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from warp_rlhf.algorithm.baseline import train_reinforce, trajectory_files
 from warp_rlhf.algorithm.merge import State, copy_into, lerp, model_state
-from warp_rlhf.algorithm.reinforce import Trainer
+from warp_rlhf.algorithm.reinforce import Prompt, Trainer
 from warp_rlhf.algorithm.warp import train_warp
 from warp_rlhf.checkpoint import (
     UnreadableFile,
@@ -37,12 +37,13 @@ from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.runners import RunJob, make_runner
 from warp_rlhf.stages import assets
-from warp_rlhf.stages.data import Splits, load_reviews, split_reviews
-from warp_rlhf.stages.evaluate import Samples, sample_policy, write_results
+from warp_rlhf.stages.data import Splits, make_splits, read_splits
+from warp_rlhf.stages.evaluate import Judge, Samples, sample_policy, write_results
 from warp_rlhf.stages.models import context_window, load_causal_lm, load_tokenizer, model_config
 from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
-from warp_rlhf.stages.reward import METRICS_FILE, RewardModel, judge_scores, train_reward_model
+from warp_rlhf.stages.reward import METRICS_FILE, judge_scores, train_reward_model
+from warp_rlhf.stages.rewards import Reward, build_reward, build_rewards, check_reward, needs_reward_stage
 
 
 def check_models(config: WarpConfig) -> None:
@@ -57,10 +58,15 @@ def check_models(config: WarpConfig) -> None:
             f"prompt_max_tokens + max_new_tokens = {needed} is out of range: the policy's context window is {window}"
         )
     _check_weights(assets.resolve_policy(config), "policy")
-    backbone = model_config(assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code)
-    heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
-    if heads and backbone.num_labels != 1:
-        raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
+    if needs_reward_stage(config):
+        backbone = model_config(
+            assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code
+        )
+        heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+        if heads and backbone.num_labels != 1:
+            raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
+    for spec in [*config.reward_funcs, *([config.judge] if config.judge not in {"auto", "vader", "none"} else [])]:
+        check_reward(spec, config)
 
 
 def _check_weights(name: str, what: str) -> None:
@@ -94,15 +100,24 @@ def load_splits(config: WarpConfig, out: Path) -> Splits:
     """The run's data splits, cut once and kept in `data/splits.json`."""
     path = OutputDir(out).splits
     if path.exists():
-        return Splits(**{k: [tuple(p) if isinstance(p, list) else p for p in v] for k, v in read_json(path).items()})
-    splits = split_reviews(load_reviews(config), config, policy_tokenizer(config))
+        return read_splits(read_json(path))
+    tokenizer, pairs = policy_tokenizer(config), needs_reward_stage(config)
+    backbone = (
+        [load_tokenizer(assets.resolve_backbone(config), trust_remote_code=config.trust_remote_code)] if pairs else []
+    )
+    policy = model_config(assets.resolve_policy(config), "policy", trust_remote_code=config.trust_remote_code)
+    window = context_window(policy)
+    splits = make_splits(config, [*backbone, tokenizer], pairs=pairs, window=window)
     write_json(path, dataclasses.asdict(splits))
     return splits
 
 
 def reward_stage(config: WarpConfig, out: Path) -> dict:
-    """Train the reward model unless `reward_model/` is already complete; return its metrics."""
+    """Train the reward model unless `reward_model/` is already complete, or no reward is that
+    model (`reward_funcs`); return its metrics."""
     folder = OutputDir(out).reward_model
+    if not needs_reward_stage(config):
+        return {"skipped": True}
     if (folder / METRICS_FILE).exists():
         return read_json(folder / METRICS_FILE) | {"reused": True}
     splits = load_splits(config, out)
@@ -112,34 +127,36 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
         )
 
 
-def reward_function(reward: RewardModel):
-    """r(x, y) = the reward model's score of the prompt followed by its completion."""
-
-    def score(prompts: list[str], completions: list[str]):
-        return reward.score([p + c for p, c in zip(prompts, completions, strict=True)])
-
-    return score
-
-
-def trainer_from_folders(config: WarpConfig, policy_path: str, reward_path: str, prompts: list[str]) -> Trainer:
-    """A `Trainer` rebuilt from the policy's and the reward model's folders (a run's own process)."""
+def trainer_from_folders(config: WarpConfig, policy_path: str, out: str, prompts: list[Prompt]) -> Trainer:
+    """A `Trainer` rebuilt from the policy's folder and the output folder (a run's own process)."""
     device = config.torch_device
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    reward = reward_function(RewardModel.from_pretrained(reward_path, device=device))
-    return Trainer(config, policy, tokenizer, reward, prompts)
+    return Trainer(config, policy, tokenizer, build_rewards(config, Path(out), tokenizer, device), prompts)
+
+
+def build_judge(config: WarpConfig, out: Path, tokenizer, splits: Splits) -> Judge | None:
+    """The evaluation's independent score: VADER for review data (`judge: auto`), or as configured."""
+    spec = config.judge if config.judge != "auto" else ("vader" if splits.kind == "reviews" else "none")
+    if spec == "none":
+        return None
+    if spec == "vader":
+        return lambda prompts, completions: judge_scores(
+            [p.text + c for p, c in zip(prompts, completions, strict=True)]
+        )
+    reward = Reward(spec, 1.0, build_reward(spec, config, out, tokenizer, config.torch_device))
+    return lambda prompts, completions: reward(prompts, completions).tolist()
 
 
 def _stage_inputs(config: WarpConfig, out: Path):
-    """(SFT policy on its device, its tokenizer, r(x, y), splits), training the reward model if needed."""
+    """(SFT policy on its device, its tokenizer, the rewards, splits), training the reward model if needed."""
     reward_stage(config, out)
     splits = load_splits(config, out)
     device = config.torch_device
     policy_path = assets.resolve_policy(config)
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    reward = RewardModel.from_pretrained(OutputDir(out).reward_model, device=device)
-    return policy, tokenizer, reward_function(reward), splits
+    return policy, tokenizer, build_rewards(config, out, tokenizer, device), splits
 
 
 def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
@@ -158,9 +175,8 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
         trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts) if config.backend == "local" else None
         if warp:
             factory = functools.partial(
-                trainer_from_folders, config, assets.resolve_policy(config), str(paths.reward_model.resolve()),
-                splits.rl_prompts,
-            )  # fmt: skip
+                trainer_from_folders, config, assets.resolve_policy(config), str(out.resolve()), splits.rl_prompts
+            )
             runner = make_runner(config.backend, RunJob(config, factory), trainer)
             merged, summaries = train_warp(config, model_state(policy), paths, runner)
             metrics: dict = {"iterations": summaries}
@@ -228,7 +244,8 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
             f"output_dir {out} holds no trained policy to evaluate (no final/, no reinforce/): "
             "run `warp-rlhf train` (and `--method reinforce` for the baseline) first, or `warp-rlhf run`"
         )
-    sft_model, tokenizer, reward, splits = _stage_inputs(config, out)
+    sft_model, tokenizer, rewards, splits = _stage_inputs(config, out)
+    judge = build_judge(config, out, tokenizer, splits)
     sft_model.eval()
     device = next(sft_model.parameters()).device
     policy = copy.deepcopy(sft_model)
@@ -246,7 +263,7 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
                 copy_into(policy, {k: v.to(device) for k, v in weights().items()})
             samples = sample_policy(
                 evaluated_model, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens, seed=config.seed, reward=reward, judge=judge_scores,
+                max_new_tokens=config.max_new_tokens, seed=config.seed, rewards=rewards, judge=judge,
             )  # fmt: skip
             write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
             evaluated[name] = (meta, samples)

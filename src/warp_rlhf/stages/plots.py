@@ -88,6 +88,13 @@ def plot_training_curves(out: Path, path: Path) -> None:
 
 
 def plot_results(policies: dict, folder: Path, out: Path) -> None:
-    plot_front(policies, "reward", "mean reward-model score", folder / "reward_vs_kl.png")
-    plot_front(policies, "judge", "mean VADER compound score (judge)", folder / "judge_vs_kl.png")
+    """reward_vs_kl.png (the total reward), one figure per reward when there are several, the
+    judge's when there is one, and the training curves."""
+    first = next(iter(policies.values()))
+    each = [m[: -len("_mean")] for m in first if m.startswith("reward_") and m.endswith("_mean")]
+    plot_front(policies, "reward", "mean reward" + (" (weighted total)" if each else ""), folder / "reward_vs_kl.png")
+    for metric in each:
+        plot_front(policies, metric, f"mean {metric.removeprefix('reward_')} reward", folder / f"{metric}_vs_kl.png")
+    if "judge_mean" in first:
+        plot_front(policies, "judge", "mean judge score", folder / "judge_vs_kl.png")
     plot_training_curves(out, folder / "training_curves.png")

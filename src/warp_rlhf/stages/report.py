@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from warp_rlhf.checkpoint import read_json, write_json, write_text
+from warp_rlhf.layout import OutputDir
 
 TIMINGS_FILE = "timings.json"
 
@@ -27,14 +28,28 @@ def timed(out: Path, stage: str):
 
 
 def _cell(row: dict, metric: str) -> str:
+    if f"{metric}_mean" not in row:
+        return "—"
     return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
 
 
+def reward_metrics(policies: dict) -> list[str]:
+    """Each reward r_k (when there are several), as `reward_<key>`."""
+    first = next(iter(policies.values()))
+    return [name[: -len("_mean")] for name in first if name.startswith("reward_") and name.endswith("_mean")]
+
+
 def results_markdown(policies: dict) -> str:
-    header = "| policy | reward | judge (VADER) | KL exact (nats) | KL k1 (nats) | length | distinct-1 | distinct-2 |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    each = reward_metrics(policies)
+    judged = any("judge_mean" in row for row in policies.values())
+    metrics = ["reward", *each, *(["judge"] if judged else []), "kl_exact", "kl_k1"]
+    titles = ["reward (total)" if each else "reward", *each, *(["judge"] if judged else [])]
+    header = (
+        "| policy | " + " | ".join(titles) + " | KL exact (nats) | KL k1 (nats) | length | distinct-1 | distinct-2 |"
+    )
+    lines = [header, "|---" * (len(metrics) + 4) + "|"]
     for name, row in policies.items():
-        cells = [_cell(row, m) for m in ("reward", "judge", "kl_exact", "kl_k1")]
+        cells = [_cell(row, m) for m in metrics]
         extra = f"{row['length_mean']:.1f} | {row['distinct_1']:.3f} | {row['distinct_2']:.3f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {extra} |")
     return "\n".join(lines)
@@ -58,11 +73,13 @@ def sample_completions(eval_dir: Path, policies: dict) -> str:
         return ""
     prompt = rows[0]["prompt"]
     first = {row["policy"]: row for row in rows if row["prompt"] == prompt}
-    lines = [f"Prompt: `{prompt}`", "", "| policy | completion | reward | judge |", "|---|---|---|---|"]
+    shown = prompt.replace("\n", " ").replace("`", "'")
+    lines = [f"Prompt: `{shown}`", "", "| policy | completion | reward | judge |", "|---|---|---|---|"]
     for name in policies:
         if name in first:
             text = first[name]["completion"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {name} | {text} | {first[name]['reward']:.2f} | {first[name]['judge']:.2f} |")
+            judge = f"{first[name]['judge']:.2f}" if "judge" in first[name] else "—"
+            lines.append(f"| {name} | {text} | {first[name]['reward']:.2f} | {judge} |")
     return "\n".join(lines)
 
 
@@ -72,13 +89,14 @@ def write_report(out: Path, config_text: str, results: dict, extra_sections: str
     timings_path = out / TIMINGS_FILE
     timings = read_json(timings_path) if timings_path.exists() else {}
     timing_lines = "\n".join(f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items())
-    plots = [p for p in ("reward_vs_kl.png", "judge_vs_kl.png", "training_curves.png") if (out / "eval" / p).exists()]
+    plots = [p.name for p in sorted((out / "eval").glob("*.png"), key=lambda p: (p.name != "reward_vs_kl.png", p.name))]
     figures = "\n\n".join(f"![{p[:-4]}](eval/{p})" for p in plots)
-    reward_metrics = out / "reward_model" / "metrics.json"
-    accuracy = read_json(reward_metrics)["eval_pairwise_accuracy"] if reward_metrics.exists() else float("nan")
+    trained = OutputDir(out).reward_model / "metrics.json"
+    accuracy = read_json(trained)["eval_pairwise_accuracy"] if trained.exists() else None
+    about_reward = f"Reward model: held-out pairwise accuracy {accuracy:.3f}." if accuracy is not None else ""
     text = f"""# warp-rlhf report
 
-Reward model: held-out pairwise accuracy {accuracy:.3f}.
+{about_reward}
 Policies sampled on the same {next(iter(policies.values()))["n_prompts"]} held-out prompts with the same
 seeds; mean ± standard error over prompts. KL is KL(π ‖ π_sft) per sequence; plots use the
 exact-per-token estimator.

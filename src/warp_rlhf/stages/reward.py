@@ -31,24 +31,34 @@ def text_limit(model, tokenizer) -> int:
 
 
 class RewardModel:
-    """Scores texts with a sequence-classification model that has one output."""
+    """Scores texts with one output of a sequence-classification model, used as it is.
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
-        if model.config.num_labels != 1:
-            raise ModelError(f"reward model gives {model.config.num_labels} scores per text, not 1")
+    A model with one output is scored by it; a model with several needs `output`, a label name
+    (as in its `id2label`, any case) or an index: never a silent `logits[:, 0]`, which for the
+    classic two-label IMDB classifier is its NEGATIVE score.
+    """
+
+    def __init__(
+        self, model, tokenizer, *, output: str | None = None, batch_size: int = 64, name: str = "reward model"
+    ):
+        self.index = output_index(model.config, output, name)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = text_limit(model, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", trust_remote_code: bool = False):
+    def from_pretrained(
+        cls, path: str | Path, *, output: str | None = None, device: str = "cpu", trust_remote_code: bool = False
+    ):
         from transformers import AutoModelForSequenceClassification
 
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         with loading(str(path), "reward model"):
             model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return cls(model.to(device), tokenizer)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model.to(device), tokenizer, output=output, name=f"reward model {path}")
 
     @torch.no_grad()
     def score(self, texts: list[str]) -> torch.Tensor:
@@ -63,8 +73,26 @@ class RewardModel:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(device)
-            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+            scores.append(self.model(**batch).logits[:, self.index].float().cpu())
         return torch.cat(scores) if scores else torch.empty(0)
+
+
+def output_index(config, output: str | None, name: str) -> int:
+    """The logit that is the reward: the only one, or the one `output` names (a label or an index)."""
+    labels = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if output is None:
+        if config.num_labels == 1:
+            return 0
+        raise ModelError(
+            f"{name} gives {config.num_labels} scores per text ({', '.join(labels)}): choose the reward as "
+            f"{name.split()[-1]}[{labels[-1]}]"
+        )
+    if output.isdigit() and int(output) < config.num_labels:
+        return int(output)
+    by_name = {label.lower(): i for i, label in enumerate(labels)}
+    if output.lower() not in by_name:
+        raise ModelError(f"{name} has no output '{output}' (its outputs: {', '.join(labels)})")
+    return by_name[output.lower()]
 
 
 def pairwise_accuracy(reward: RewardModel, pairs: list[tuple[str, str]]) -> float:

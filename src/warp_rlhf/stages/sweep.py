@@ -23,15 +23,9 @@ from warp_rlhf.checkpoint import write_json, write_text  # noqa: E402
 from warp_rlhf.config import FIELDS, WarpConfig, parse_value, unknown_field, validate  # noqa: E402
 from warp_rlhf.errors import ConfigError  # noqa: E402
 from warp_rlhf.layout import OutputDir  # noqa: E402
-from warp_rlhf.stages.pipeline import evaluate_stage, prepare_output, reward_stage, train_stage  # noqa: E402
+from warp_rlhf.stages.output import REWARD_FIELDS  # noqa: E402
+from warp_rlhf.stages.pipeline import evaluate_stage, load_splits, prepare_output, reward_stage, train_stage  # noqa: E402
 from warp_rlhf.stages.plots import save_figure  # noqa: E402
-
-WARP_ONLY = {
-    "iterations", "runs", "steps", "ema_rate", "slerp_lambda", "liti_rate", "beta", "batch_size", "learning_rate",
-    "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "checkpoint_every", "device",
-    "front_points", "trajectory_points", "temperature",
-}  # fmt: skip
-"""Fields that leave the data splits and the reward model unchanged: sweeps over them share one."""
 
 
 def sweep_configs(config: WarpConfig, param: str, values: list[str]) -> list[tuple[str, WarpConfig]]:
@@ -55,12 +49,14 @@ def run_sweep(config: WarpConfig, param: str, values: list[str], *, overwrite: b
     """Train + evaluate per value; returns one summary row per value."""
     configs = sweep_configs(config, param, values)
     parent = prepare_output(config, overwrite=overwrite)
-    if param in WARP_ONLY:
+    shared = param not in REWARD_FIELDS  # then the splits and the reward model are the same for every value
+    if shared:
         reward_stage(config, parent)
+        load_splits(config, parent)
     rows = []
     for text, sub in configs:
         out = prepare_output(sub)
-        if param in WARP_ONLY:
+        if shared:
             _share(parent, out)
         train_stage(sub, out, resume=True)
         results = evaluate_stage(sub, out)["policies"]
@@ -76,7 +72,7 @@ def _share(parent: Path, out: Path) -> None:
     out.splits.parent.mkdir(parents=True, exist_ok=True)
     if not out.splits.exists():
         shutil.copyfile(parent.splits, out.splits)
-    if not out.reward_model.exists():
+    if parent.reward_model.exists() and not out.reward_model.exists():
         out.reward_model.symlink_to(parent.reward_model.resolve(), target_is_directory=True)
 
 
@@ -88,7 +84,7 @@ def write_summary(parent: Path, param: str, rows: list[dict]) -> None:
     writer = csv.writer(table)
     writer.writerow([param, *columns])
     for row in rows:
-        writer.writerow([row["value"], *(row[c] for c in columns)])
+        writer.writerow([row["value"], *(row.get(c, "") for c in columns)])
     write_text(folder / "summary.csv", table.getvalue())
     write_json(
         folder / "summary.json", {"param": param, "rows": [{k: v for k, v in r.items() if k != "front"} for r in rows]}
@@ -128,7 +124,10 @@ def write_summary(parent: Path, param: str, rows: list[dict]) -> None:
 
     lines = [f"# Sweep over {param}", "", f"| {param} | reward | judge | KL exact | KL k1 |", "|---|---|---|---|---|"]
     for row in rows:
-        cells = [f"{row[m + '_mean']:.3f} ± {row[m + '_se']:.3f}" for m in ("reward", "judge", "kl_exact", "kl_k1")]
+        cells = [
+            f"{row[m + '_mean']:.3f} ± {row[m + '_se']:.3f}" if m + "_mean" in row else "—"
+            for m in ("reward", "judge", "kl_exact", "kl_k1")
+        ]
         lines.append(f"| {row['value']} | " + " | ".join(cells) + " |")
     lines += ["", "![metrics](sweep/metrics_vs_value.png)", "", "![fronts](sweep/fronts.png)", ""]
     write_text(parent / "report.md", "\n".join(lines))
