@@ -28,6 +28,7 @@ COMMANDS = {
     "run": "reward → train → evaluate from one config",
     "demo": "`run` on the embedded default (SmolLM2-135M, MiniLM reward, IMDB reviews)",
     "sweep": "train + evaluate for each value of one field",
+    "experiment": "the paper's claims at matched KL, from an experiment file (experiments/paper.yaml)",
 }
 
 
@@ -101,6 +102,10 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
     out = prepare_output(config, overwrite=args.overwrite)
     results = evaluate_stage(config, out)
     print(results_table(results["policies"]))
+    if "matched_kl" in results:
+        matched = results["matched_kl"]
+        cells = ", ".join(f"{d['difference']:+.3f} ± {d['se']:.3f} at KL {d['kl']:.1f}" for d in matched["differences"])
+        print(f"{matched['a']} − {matched['b']}, reward at matched KL: {cells} ({matched['verdict']})")
     print(f"results, completions and plots → {OutputDir(out).eval}; report → {OutputDir(out).report}")
     return 0
 
@@ -157,6 +162,25 @@ def _sweep(config: WarpConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run an experiment file (`stages.experiment`); it takes no config flags."""
+    from warp_rlhf.cpu import keep_freed_memory
+    from warp_rlhf.stages.experiment import Experiment, claims_table, run_experiment
+    from warp_rlhf.stages.output import OutputLock
+
+    if args.config is None:
+        raise ConfigError("experiment needs --config FILE (for example experiments/paper.yaml)")
+    if _overrides(args, extra):
+        raise ConfigError("experiment takes its settings from its file, not from flags")
+    experiment = Experiment.load(args.config)
+    keep_freed_memory()
+    with OutputLock(experiment.root.root):
+        results = run_experiment(experiment)
+    print(claims_table(results))
+    print(f"results and figures → {experiment.report_dir}")
+    return 0
+
+
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
     "reward": _reward,
     "train": _train,
@@ -204,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     out, before = None, None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command == "experiment":
+            return _experiment(args, extra)
         config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
         out = Path(config.output_dir)
         from warp_rlhf.cpu import keep_freed_memory

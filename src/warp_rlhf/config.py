@@ -107,6 +107,14 @@ class WarpConfig:
     seed: int = field(
         default=0, metadata={"help": "Seed for data splits, sampling and initialisation.", "allowed": AT_LEAST_0}
     )
+    train_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the RL runs alone (prompt order, sampling), so runs can be repeated on the same data, "
+            "reward model and evaluation; null: seed.",
+            "allowed": AT_LEAST_0,
+        },
+    )
 
     # --- data -----------------------------------------------------------------------------
     prompt_min_tokens: int = field(
@@ -168,6 +176,22 @@ class WarpConfig:
             "allowed": Allowed(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         },
     )
+    anchor: str = field(
+        default="ema",
+        metadata={
+            "help": "The anchor in WARP's KL term: ema (the paper: an EMA of the policy, rate mu) or sft (fixed at "
+            "the policy the run starts from: θ_sft in the first iteration).",
+            "allowed": one_of("ema", "sft"),
+        },
+    )
+    merge_method: str = field(
+        default="slerp",
+        metadata={
+            "help": "How an iteration's runs merge: slerp (the paper: spherical interpolation of their task "
+            "vectors) or lerp (their weighted average).",
+            "allowed": one_of("slerp", "lerp"),
+        },
+    )
     slerp_lambda: float | None = field(
         default=None, metadata={"help": "lambda: SLERP weight; default 1/M.", "allowed": UNIT}
     )
@@ -200,6 +224,14 @@ class WarpConfig:
         metadata={
             "help": "Points ν = 0 … 1 of the LITI front (1 − ν) θ_sft + ν θ_warp to evaluate.",
             "allowed": Allowed(lambda v: v >= 2, "an integer >= 2"),
+        },
+    )
+    baseline_anchor: str = field(
+        default="sft",
+        metadata={
+            "help": "The anchor of the REINFORCE baseline: sft (fixed at θ_sft, as RLHF usually is) or ema (an EMA "
+            "of the policy, rate mu: one WARP run without merging).",
+            "allowed": one_of("sft", "ema"),
         },
     )
     trajectory_points: int = field(
@@ -433,7 +465,7 @@ DEMO_BUDGET: dict[str, Any] = {
     "steps": 6,
     "learning_rate": 1.2e-4,
     "front_points": 3,
-    "trajectory_points": 2,
+    "trajectory_points": 4,
     "backend": "processes",
 }
 """`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores,

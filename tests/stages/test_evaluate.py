@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.helpers import make_tokenizer
 from warp_rlhf.algorithm.reinforce import Prompt
-from warp_rlhf.stages.evaluate import distinct_n, mean_and_se, sample_policy, token_kl
+from warp_rlhf.stages.compare import mean_and_se
+from warp_rlhf.stages.evaluate import distinct_n, sample_policy, token_kl
 from warp_rlhf.stages.rewards import Reward, Rewards
 
 SMALL_VOCAB = ["<pad>", "<unk>", "<eos>", "x", "a", "b", "c"]

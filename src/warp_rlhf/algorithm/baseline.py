@@ -1,5 +1,6 @@
 """The REINFORCE baseline of the paper's comparisons: one run from θ_sft whose anchor stays at
-θ_sft (μ = 0), for the I·M·T steps that WARP's runs take together (equal compute).
+θ_sft (μ = 0; or, with `baseline_anchor: ema`, an EMA anchor: one WARP run without merging), for
+the I·M·T steps that WARP's runs take together (equal compute).
 
 Evenly spaced policies along the run (`trajectory_points`) are kept, so its reward–KL
 trajectory can be drawn and compared with WARP's LITI front.
@@ -35,5 +36,6 @@ def train_reinforce(trainer: Trainer, folder: RunFolder) -> list[tuple[int, Path
     """Run the baseline from the trainer's policy as it is (θ_sft); returns `trajectory_files`."""
     config = trainer.config
     steps = trajectory_steps(config)
-    trainer.run(RunSpec(0, 1, folder, anchor_rate=0.0), None, total_steps(config), snapshots=frozenset(steps[:-1]))
+    rate = config.ema_rate if config.baseline_anchor == "ema" else 0.0
+    trainer.run(RunSpec(0, 1, folder, anchor_rate=rate), None, total_steps(config), snapshots=frozenset(steps[:-1]))
     return trajectory_files(config, folder)

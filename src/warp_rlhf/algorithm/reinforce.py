@@ -68,8 +68,8 @@ RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
 
 RUN_FIELDS = (
-    "seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate", "baseline",
-    "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision",
+    "seed", "train_seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate",
+    "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision",
 )  # fmt: skip
 """The config fields a run's steps depend on: a checkpoint made with other values is not resumed."""
 
@@ -123,13 +123,18 @@ class UpdateStats:
     learning_rate: float
 
 
+def run_seed(config: WarpConfig) -> int:
+    """The seed of the runs' prompt order and sampling: `train_seed`, else `seed`."""
+    return config.seed if config.train_seed is None else config.train_seed
+
+
 def prompt_batch(prompts: list[Prompt], config: WarpConfig, spec: RunSpec, step: int) -> list[Prompt]:
     """Step t's prompts: the next B of a run-specific, epoch-wise seeded order."""
     n, batch = len(prompts), []
     for k in range(step * config.batch_size, (step + 1) * config.batch_size):
         epoch, position = divmod(k, n)
         order = list(range(n))
-        random.Random(derived_seed(config.seed, spec.iteration, spec.run, "epoch", epoch)).shuffle(order)
+        random.Random(derived_seed(run_seed(config), spec.iteration, spec.run, "epoch", epoch)).shuffle(order)
         batch.append(prompts[order[position]])
     return batch
 
@@ -242,7 +247,7 @@ class Trainer:
         """x_1..B ~ X, y_b ~ π_θ(·|x_b) at temperature τ, r(x_b, y_b), and ℓ_b^ema under the anchor."""
         config = self.config
         prompts = prompt_batch(self.prompts, config, spec, step)
-        torch.manual_seed(derived_seed(config.seed, spec.iteration, spec.run, "step", step))
+        torch.manual_seed(derived_seed(run_seed(config), spec.iteration, spec.run, "step", step))
         with clock.phase("generate"), self._autocast():
             rollout = pi.sample(
                 self.policy,

@@ -42,8 +42,9 @@ returns once each has written its `done.json`."""
 
 
 def iteration_specs(config: WarpConfig, out: OutputDir, iteration: int) -> list[RunSpec]:
-    """The M runs of iteration i, each with an EMA anchor of rate μ."""
-    return [RunSpec(iteration, m, out.run(iteration, m), config.ema_rate) for m in range(1, config.runs + 1)]
+    """The M runs of iteration i, each with an EMA anchor of rate μ (or, with `anchor: sft`, one fixed at its init)."""
+    rate = config.ema_rate if config.anchor == "ema" else 0.0
+    return [RunSpec(iteration, m, out.run(iteration, m), rate) for m in range(1, config.runs + 1)]
 
 
 def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) -> tuple[State, list[dict]]:
@@ -64,6 +65,7 @@ def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) 
                 _run_tensors([spec.folder for spec in specs]),
                 config.runs,
                 config.resolved_slerp_lambda,
+                config.merge_method,
             )
             save_tensors(out.slerp(iteration), merged)
             del merged

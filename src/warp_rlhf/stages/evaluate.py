@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from warp_rlhf import policy as pi
 from warp_rlhf.algorithm.reinforce import Prompt, derived_seed
 from warp_rlhf.checkpoint import write_json, write_text
+from warp_rlhf.stages.compare import front_against_trajectory, mean_and_se
 from warp_rlhf.stages.plots import plot_results
 from warp_rlhf.stages.rewards import Rewards
 
@@ -30,16 +30,6 @@ Judge = Callable[[list[Prompt], list[str]], list[float]]
 """An independent score of each completion, never optimised (VADER for sentiment, or any reward)."""
 
 EVAL_BATCH = 50
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """Sample mean and its standard error std(ddof=1)/sqrt(n) (0 for n < 2)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def token_kl(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,6 +121,9 @@ def write_results(evaluated: dict[str, tuple[dict, Samples]], folder: Path, out:
     """eval/results.json, results.csv, completions.jsonl and the plots; returns the results."""
     policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
     results = {"policies": policies, "kl_in_plots": "kl_exact (exact-per-token estimator)"}
+    matched = front_against_trajectory(evaluated)
+    if matched is not None:
+        results["matched_kl"] = matched
     write_json(folder / "results.json", results)
     columns = [c for c in next(iter(policies.values())) if c not in {"kind"}]
     table = io.StringIO()

@@ -41,10 +41,12 @@ SPLIT_FIELDS = {
 REWARD_FIELDS = SPLIT_FIELDS | {"reward_model", "reward_epochs", "reward_batch_size", "reward_learning_rate"}
 OPTIMISED_FIELDS = REWARD_FIELDS | {"reward_funcs", "reward_weights"}
 """What r(x, y), the reward a policy was trained on, depends on."""
-WARP_RUN_FIELDS = OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate"}
+WARP_RUN_FIELDS = (
+    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate", "anchor", "merge_method"}
+)
 """A finished WARP run of iteration i depends on its settings and on θ_init, i.e. on the merges before it."""
 BASELINE_FIELDS = (
-    OPTIMISED_FIELDS | (set(RUN_FIELDS) - {"ema_rate"}) | {"iterations", "runs", "steps", "trajectory_points"}
+    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"iterations", "runs", "steps", "trajectory_points", "baseline_anchor"}
 )
 EVALUATION_FIELDS = OPTIMISED_FIELDS | {"temperature", "judge"}
 

@@ -244,6 +244,22 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
             f"output_dir {out} holds no trained policy to evaluate (no final/, no reinforce/): "
             "run `warp-rlhf train` (and `--method reinforce` for the baseline) first, or `warp-rlhf run`"
         )
+    with timed(out, "evaluate"):
+        evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths)
+    results = write_results(evaluated, paths.eval, out)
+    write_report(out, dump_config(config), results)
+    return results
+
+
+def evaluate_points(
+    config: WarpConfig,
+    out: Path,
+    points: Callable[[State], list[tuple[str, dict, Callable[[], State]]]],
+    cache: OutputDir,
+) -> dict[str, tuple[dict, Samples]]:
+    """Sample every policy of `points(θ_sft)` on the held-out prompts of `out` with the same seeds,
+    scored against the SFT policy: name → (description, per-prompt values). Each policy's values
+    are kept in `cache.evaluated(name)`, so an interrupted evaluation resumes."""
     sft_model, tokenizer, rewards, splits = _stage_inputs(config, out)
     judge = build_judge(config, out, tokenizer, splits)
     sft_model.eval()
@@ -251,22 +267,19 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
     policy = copy.deepcopy(sft_model)
     sft = {k: v.detach().clone() for k, v in model_state(sft_model).items()}
     evaluated = {}
-    with timed(out, "evaluate"):
-        for name, meta, weights in tqdm(evaluation_points(config, out, sft), desc="Evaluating policies", unit="policy"):
-            cached = paths.evaluated(name)
-            if cached.exists():
-                saved = read_json(cached)
-                evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
-                continue
-            evaluated_model = sft_model if name == "sft" else policy  # the SFT policy's KL is 0 by definition
-            if name != "sft":
-                copy_into(policy, {k: v.to(device) for k, v in weights().items()})
-            samples = sample_policy(
-                evaluated_model, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens, seed=config.seed, rewards=rewards, judge=judge,
-            )  # fmt: skip
-            write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
-            evaluated[name] = (meta, samples)
-    results = write_results(evaluated, paths.eval, out)
-    write_report(out, dump_config(config), results)
-    return results
+    for name, meta, weights in tqdm(points(sft), desc="Evaluating policies", unit="policy"):
+        cached = cache.evaluated(name)
+        if cached.exists():
+            saved = read_json(cached)
+            evaluated[name] = (saved["meta"], Samples(**saved["samples"]))
+            continue
+        evaluated_model = sft_model if name == "sft" else policy  # the SFT policy's KL is 0 by definition
+        if name != "sft":
+            copy_into(policy, {k: v.to(device) for k, v in weights().items()})
+        samples = sample_policy(
+            evaluated_model, sft_model, tokenizer, splits.eval_prompts, temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, seed=config.seed, rewards=rewards, judge=judge,
+        )  # fmt: skip
+        write_json(cached, {"meta": meta, "samples": dataclasses.asdict(samples)})
+        evaluated[name] = (meta, samples)
+    return evaluated

@@ -14,6 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from warp_rlhf.checkpoint import atomic_file  # noqa: E402
 
 
+def reward_metrics(policies: dict) -> list[str]:
+    """Each reward r_k (when there are several), as `reward_<key>`."""
+    first = next(iter(policies.values()))
+    return [m[: -len("_mean")] for m in first if m.startswith("reward_") and m.endswith("_mean") and m != "reward_mean"]
+
+
 def save_figure(figure, path: Path) -> None:
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -90,11 +96,10 @@ def plot_training_curves(out: Path, path: Path) -> None:
 def plot_results(policies: dict, folder: Path, out: Path) -> None:
     """reward_vs_kl.png (the total reward), one figure per reward when there are several, the
     judge's when there is one, and the training curves."""
-    first = next(iter(policies.values()))
-    each = [m[: -len("_mean")] for m in first if m.startswith("reward_") and m.endswith("_mean")]
+    each = reward_metrics(policies)
     plot_front(policies, "reward", "mean reward" + (" (weighted total)" if each else ""), folder / "reward_vs_kl.png")
     for metric in each:
         plot_front(policies, metric, f"mean {metric.removeprefix('reward_')} reward", folder / f"{metric}_vs_kl.png")
-    if "judge_mean" in first:
+    if "judge_mean" in next(iter(policies.values())):
         plot_front(policies, "judge", "mean judge score", folder / "judge_vs_kl.png")
     plot_training_curves(out, folder / "training_curves.png")

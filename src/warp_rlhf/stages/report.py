@@ -10,6 +10,7 @@ from pathlib import Path
 
 from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.layout import OutputDir
+from warp_rlhf.stages.plots import reward_metrics
 
 TIMINGS_FILE = "timings.json"
 
@@ -31,12 +32,6 @@ def _cell(row: dict, metric: str) -> str:
     if f"{metric}_mean" not in row:
         return "—"
     return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
-
-
-def reward_metrics(policies: dict) -> list[str]:
-    """Each reward r_k (when there are several), as `reward_<key>`."""
-    first = next(iter(policies.values()))
-    return [name[: -len("_mean")] for name in first if name.startswith("reward_") and name.endswith("_mean")]
 
 
 def results_markdown(policies: dict) -> str:
@@ -83,9 +78,29 @@ def sample_completions(eval_dir: Path, policies: dict) -> str:
     return "\n".join(lines)
 
 
+def matched_kl_markdown(matched: dict) -> str:
+    """The table of `compare.front_against_trajectory`: reward differences at matched KL."""
+    lines = [
+        f"## {matched['a']} against the {matched['b']} at matched KL",
+        "",
+        f"Reward of the first minus the second, each interpolated linearly in KL (exact estimator) between "
+        f"its evaluated points, never extrapolated; standard errors by {matched['se']}. Verdict: "
+        f"**{matched['verdict']}** (every difference ≥ 2 s.e. above 0: holds; one ≤ −2 s.e.: does not hold).",
+        "",
+        "| KL (nats) | reward difference | s.e. | z |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d['kl']:.2f} | {d['difference']:+.3f} | {d['se']:.3f} | {d['z']:+.1f} |" for d in matched["differences"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path, config_text: str, results: dict, extra_sections: str = "") -> Path:
     """Write out/report.md from eval/ and timings.json."""
     policies = _order(results["policies"])
+    if "matched_kl" in results:
+        extra_sections = matched_kl_markdown(results["matched_kl"]) + extra_sections
     timings_path = out / TIMINGS_FILE
     timings = read_json(timings_path) if timings_path.exists() else {}
     timing_lines = "\n".join(f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items())

@@ -57,7 +57,7 @@ def run_sweep(config: WarpConfig, param: str, values: list[str], *, overwrite: b
     for text, sub in configs:
         out = prepare_output(sub)
         if shared:
-            _share(parent, out)
+            share_data(parent, out)
         train_stage(sub, out, resume=True)
         results = evaluate_stage(sub, out)["policies"]
         warp = results["warp"]
@@ -66,7 +66,7 @@ def run_sweep(config: WarpConfig, param: str, values: list[str], *, overwrite: b
     return rows
 
 
-def _share(parent: Path, out: Path) -> None:
+def share_data(parent: Path, out: Path) -> None:
     """Reuse the parent's reward model (a symlink) and splits (a copy)."""
     parent, out = OutputDir(parent), OutputDir(out)
     out.splits.parent.mkdir(parents=True, exist_ok=True)
