@@ -258,6 +258,40 @@ class WarpConfig:
     checkpoint_every: int = field(
         default=25, metadata={"help": "Save a resumable checkpoint every this many steps.", "allowed": AT_LEAST_1}
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "Rank of LoRA adapters (PEFT) trained in place of the full weights; 0: full fine-tuning. Task "
+            "vectors, the EMA anchor, SLERP and LITI act on the merged weights W + (alpha/r) B A.",
+            "allowed": AT_LEAST_0,
+        },
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA's alpha: the update is (alpha/r) B A.", "allowed": POSITIVE}
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA branch's input while training.", "allowed": UNIT}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules that get adapters, as PEFT names them (all-linear: every linear layer but the output)."
+        },
+    )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA, also save final/adapter/: a PEFT adapter whose update is exactly the final policy's "
+            "change to θ_sft (its rank is that of the change)."
+        },
+    )
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Trackers, as in TRL: tensorboard (event files in output_dir/tensorboard), trackio (local), wandb; "
+            "several allowed; none or empty: no tracking.",
+        },
+    )
     precision: str = field(
         default="fp32",
         metadata={
@@ -399,6 +433,10 @@ def validate(config: WarpConfig) -> None:
             continue
         if (isinstance(value, float) and not math.isfinite(value)) or not allowed.check(value):
             raise ConfigError(f"{name}={value!r} is out of range: must be {allowed.text}")
+    trackers = {"tensorboard", "trackio", "wandb"}
+    if [t for t in config.report_to if t != "none" and t not in trackers]:
+        bad = next(t for t in config.report_to if t != "none" and t not in trackers)
+        raise ConfigError(f"report_to={bad!r} is out of range: must be none, tensorboard, trackio or wandb")
     if config.reward_weights is not None:
         if not all(math.isfinite(w) for w in config.reward_weights):
             raise ConfigError(f"reward_weights={config.reward_weights!r} is out of range: must be finite numbers")

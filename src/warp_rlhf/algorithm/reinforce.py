@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from warp_rlhf import policy as pi
-from warp_rlhf.algorithm.merge import copy_into, ema_update_, model_state
+from warp_rlhf.algorithm import lora
+from warp_rlhf.algorithm.merge import State, copy_into, ema_update_, model_state
 from warp_rlhf.checkpoint import (
     UnreadableFile,
     atomic_dir,
@@ -69,7 +70,8 @@ RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]
 
 RUN_FIELDS = (
     "seed", "train_seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate",
-    "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision",
+    "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules",
 )  # fmt: skip
 """The config fields a run's steps depend on: a checkpoint made with other values is not resumed."""
 
@@ -171,10 +173,11 @@ def new_optimizer(policy: torch.nn.Module, config: WarpConfig):
     """
     from transformers import get_constant_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=True)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, the adapters alone
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=0.0, fused=True)
     fresh = {
         index: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        for index, p in enumerate(policy.parameters())
+        for index, p in enumerate(trained)
     }
     optimizer.load_state_dict({"state": fresh, "param_groups": optimizer.state_dict()["param_groups"]})
     return optimizer, get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
@@ -210,14 +213,29 @@ class _WholeBatch:
 class Trainer:
     """Holds one policy, its anchor and the run's inputs; runs REINFORCE runs one at a time."""
 
-    def __init__(self, config: WarpConfig, policy, tokenizer, reward: RewardFn, prompts: list[Prompt]):
+    def __init__(
+        self,
+        config: WarpConfig,
+        policy,
+        tokenizer,
+        reward: RewardFn,
+        prompts: list[Prompt],
+        log_step: Callable[[RunSpec, dict], None] | None = None,
+    ):
         if not prompts:
             raise TrainingError("no RL prompts to train on")
         self.config, self.tokenizer, self.reward, self.prompts = config, tokenizer, reward, prompts
-        self.policy = policy.eval()  # eval(): no dropout; gradients still flow
+        self.log_step = log_step  # e.g. a tracker; called with each step's metrics
         self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.lora = config.lora_r > 0  # then the policy is a copy with adapters; the caller's model stays plain
+        self.policy = lora.add_adapters(copy.deepcopy(policy), config) if self.lora else policy
+        self.policy.eval()  # no dropout (LoRA's own only in the training forward); gradients still flow
         self.policy_state, self.anchor_state = model_state(self.policy), model_state(self.anchor)
         self.device = next(policy.parameters()).device
+
+    def weights(self) -> State:
+        """The policy's weights as the plain model names them (LoRA's merged: W + (α/r)·B·A)."""
+        return lora.merged_state(self.policy) if self.lora else self.policy_state
 
     # ---- one REINFORCE step --------------------------------------------------------------
     def step(self, spec: RunSpec, step: int, optimizer, scheduler) -> dict:
@@ -282,9 +300,19 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with clock.phase("ema"):
-            if anchor_rate > 0:  # θ_ema ← (1 − μ) θ_ema + μ θ
-                ema_update_(self.anchor_state.values(), self.policy_state.values(), anchor_rate)
+            if anchor_rate > 0:  # θ_ema ← (1 − μ) θ_ema + μ θ, on the merged weights with LoRA
+                ema_update_(*self._ema_pairs(), anchor_rate)
         return UpdateStats(loss, r_beta.mean().item(), kl.mean().item(), entropy, grad_norm, learning_rate)
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(anchor tensors, the policy's): all of them, or with LoRA the adapted weights, merged
+        (the others are frozen, equal in both, and stay so)."""
+        if not self.lora:
+            return list(self.anchor_state.values()), list(self.policy_state.values())
+        with torch.no_grad():
+            layers = lora.adapted(self.policy)
+            merged = [m.base_layer.weight + lora.delta(m).to(m.base_layer.weight.dtype) for m in layers.values()]
+        return [self.anchor_state[f"{name}.weight"] for name in layers], merged
 
     def _policy_gradient(self, trajectory: Trajectory, where: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
         """Accumulate ∇ of −mean_b (r_β,b − baseline_b) ℓ_b over the micro-batches.
@@ -297,8 +325,9 @@ class Trainer:
         whole = self._whole_batch(trajectory, parts) if config.baseline != "none" and len(parts) > 1 else None
         tokens = max(1, rollout.completion_mask.sum().item())
         loss_total, entropy, rewards_beta, kls = 0.0, 0.0, [], []
+        dropout = lora.adapter_dropout(self.policy) if self.lora else contextlib.nullcontext()
         for rows, part in parts:
-            with lean_backward(self.policy):  # its forward and backward
+            with lean_backward(self.policy), dropout:  # its forward and backward
                 logp, token_entropy = self._sequence_logprobs(self.policy, part)
                 share = part.completion_mask.sum().item() / tokens
                 entropy += pi.mean_entropy(token_entropy, part) * share  # a per-token mean over the batch
@@ -376,13 +405,15 @@ class Trainer:
                 metrics = self.step(spec, step, optimizer, scheduler)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                if self.log_step is not None:
+                    self.log_step(spec, metrics)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
                 progress.update()
                 if step + 1 in snapshots:
-                    save_tensors(files.snapshot(step + 1), self.policy_state)
+                    save_tensors(files.snapshot(step + 1), self.weights())
                 if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
                     self._save(files.checkpoint, step + 1, optimizer, scheduler)
-        save_tensors(files.policy, self.policy_state)
+        save_tensors(files.policy, self.weights())
         write_json(files.done, {"steps": steps, **_summary(files.metrics)})
         shutil.rmtree(files.checkpoint, ignore_errors=True)
 
@@ -410,6 +441,8 @@ class Trainer:
         """Load the run's checkpoint if there is one and it was made with this run's settings (a
         checkpoint of other settings is set aside: the run restarts from θ_init). Returns the step."""
         path = spec.folder.checkpoint
+        if self.lora:  # fresh adapters, drawn from the run's seed (a checkpoint overwrites them)
+            lora.reset_adapters(self.policy, derived_seed(run_seed(self.config), spec.iteration, spec.run, "lora"))
         if (path / "state.json").exists():
             made_with = read_json(path / "state.json").get("fields", self._run_fields())
             changed = [name for name, value in self._run_fields().items() if made_with.get(name, value) != value]
@@ -421,8 +454,12 @@ class Trainer:
                 )  # fmt: skip
                 shutil.rmtree(path)
         if not (path / "state.json").exists():
-            start = load_tensors(init, self.device) if init is not None else self.policy_state
-            copy_into(self.policy, start)
+            start = load_tensors(init, self.device) if init is not None else self.weights()
+            if self.lora:
+                start = {name: tensor.detach().clone() for name, tensor in start.items()}
+                lora.load_base(self.policy, start)
+            else:
+                copy_into(self.policy, start)
             copy_into(self.anchor, start)
             return 0
         copy_into(self.policy, load_tensors(path / "policy.safetensors", self.device))

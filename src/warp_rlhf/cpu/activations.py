@@ -177,6 +177,7 @@ def lean_backward(model: torch.nn.Module) -> Iterator[None]:
             isinstance(embedding, torch.nn.Embedding)
             and head is not None
             and embedding.weight is head.weight
+            and embedding.weight.requires_grad  # frozen (LoRA): no gradient rows to add
             and embedding.max_norm is None
             and not embedding.scale_grad_by_freq
         ):

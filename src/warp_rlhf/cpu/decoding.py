@@ -120,6 +120,18 @@ def decoder(model, weights: dict, cache, prompt_mask: torch.Tensor, max_new_toke
     return ModelDecoder(model, cache, prompt_mask)
 
 
+def _written_out(model) -> list:
+    """The projections `LlamaDecoder` multiplies with itself (one layer's: all layers are alike)."""
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    if not layers:
+        return [None]
+    attention, mlp = layers[0].self_attn, layers[0].mlp
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [getattr(attention, n, None) for n in names] + [
+        getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+
+
 def decodes_exactly(model) -> bool:
     """Whether `LlamaDecoder` gives the model's own logits: a CPU fp32 model of `ARCHITECTURES`
     with a static rotary embedding and full attention in every layer, whose two decode steps on a
@@ -131,7 +143,8 @@ def decodes_exactly(model) -> bool:
     config = model.config
     rotary = getattr(getattr(model, "base_model", None), "rotary_emb", None)
     if not (
-        runs_on_onednn(next(model.parameters()))
+        all(isinstance(m, torch.nn.Linear) for m in _written_out(model))  # no adapter (LoRA) on them
+        and runs_on_onednn(next(model.parameters()))
         and getattr(config, "model_type", None) in ARCHITECTURES
         and getattr(config, "hidden_act", None) == "silu"
         and getattr(rotary, "rope_type", "dynamic") not in {"dynamic", "longrope"}

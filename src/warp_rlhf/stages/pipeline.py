@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from warp_rlhf.algorithm import lora
 from warp_rlhf.algorithm.baseline import train_reinforce, trajectory_files
 from warp_rlhf.algorithm.merge import State, copy_into, lerp, model_state
 from warp_rlhf.algorithm.reinforce import Prompt, Trainer
@@ -32,7 +33,7 @@ from warp_rlhf.checkpoint import (
     write_json,
     write_text,
 )
-from warp_rlhf.config import WarpConfig, dump_config
+from warp_rlhf.config import WarpConfig, config_to_dict, dump_config
 from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.runners import RunJob, make_runner
@@ -44,6 +45,7 @@ from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
 from warp_rlhf.stages.reward import METRICS_FILE, judge_scores, train_reward_model
 from warp_rlhf.stages.rewards import Reward, build_reward, build_rewards, check_reward, needs_reward_stage
+from warp_rlhf.stages.tracking import Tracking, require
 
 
 def check_models(config: WarpConfig) -> None:
@@ -67,6 +69,11 @@ def check_models(config: WarpConfig) -> None:
             raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
     for spec in [*config.reward_funcs, *([config.judge] if config.judge not in {"auto", "vader", "none"} else [])]:
         check_reward(spec, config)
+    for tracker in config.report_to:
+        if tracker != "none":
+            require(tracker)
+    if config.lora_r > 0:
+        lora.require_peft()
 
 
 def _check_weights(name: str, what: str) -> None:
@@ -122,9 +129,13 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
         return read_json(folder / METRICS_FILE) | {"reused": True}
     splits = load_splits(config, out)
     with timed(out, "reward model"):
-        return train_reward_model(
+        metrics = train_reward_model(
             config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, folder
         )
+    tracked = tracking(config, out)
+    tracked.log("reward_model", metrics, 0)
+    tracked.close()
+    return metrics
 
 
 def trainer_from_folders(config: WarpConfig, policy_path: str, out: str, prompts: list[Prompt]) -> Trainer:
@@ -132,7 +143,13 @@ def trainer_from_folders(config: WarpConfig, policy_path: str, out: str, prompts
     device = config.torch_device
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    return Trainer(config, policy, tokenizer, build_rewards(config, Path(out), tokenizer, device), prompts)
+    rewards = build_rewards(config, Path(out), tokenizer, device)
+    return Trainer(config, policy, tokenizer, rewards, prompts, log_step=tracking(config, Path(out)).step_logger())
+
+
+def tracking(config: WarpConfig, out: Path) -> Tracking:
+    """The trackers of `report_to` for this output folder (none: a `Tracking` that logs nothing)."""
+    return Tracking(config.report_to, out, config_to_dict(config))
 
 
 def build_judge(config: WarpConfig, out: Path, tokenizer, splits: Splits) -> Judge | None:
@@ -171,30 +188,42 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
             f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
         )
     policy, tokenizer, reward, splits = _stage_inputs(config, out)
+    tracked = tracking(config, out)
     with timed(out, f"train {config.method}"):
-        trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts) if config.backend == "local" else None
+        trainer = None
+        if config.backend == "local" or not warp:
+            trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts, log_step=tracked.step_logger())
         if warp:
             factory = functools.partial(
                 trainer_from_folders, config, assets.resolve_policy(config), str(out.resolve()), splits.rl_prompts
             )
             runner = make_runner(config.backend, RunJob(config, factory), trainer)
-            merged, summaries = train_warp(config, model_state(policy), paths, runner)
+            merged, summaries = train_warp(config, model_state(policy), paths, runner)  # θ_sft, saved first
             metrics: dict = {"iterations": summaries}
         else:
-            trainer = trainer or Trainer(config, policy, tokenizer, reward, splits.rl_prompts)
             trajectory = train_reinforce(trainer, paths.baseline)
             merged = load_tensors(trajectory[-1][1])
             metrics = read_json(paths.baseline.done)
-        save_policy(policy, tokenizer, merged, final, config, metrics)
+        tracked.close()
+        sft = load_tensors(paths.init(1)) if warp and config.save_adapter else None
+        save_policy(policy, tokenizer, merged, final, config, metrics, sft=sft)
     return final
 
 
-def save_policy(policy, tokenizer, state: State, folder: Path, config: WarpConfig, metrics: dict) -> None:
-    """`save_pretrained` of the policy with `state`, its tokenizer and a model card, atomically."""
+def save_policy(
+    policy, tokenizer, state: State, folder: Path, config: WarpConfig, metrics: dict, *, sft: State | None = None
+) -> None:
+    """`save_pretrained` of the policy with `state` (LoRA's merged: it loads as a plain model), its
+    tokenizer and a model card, atomically; with `save_adapter`, also adapter/ on θ_sft (`sft`)."""
+    adapter = None
+    if config.lora_r > 0 and config.save_adapter and sft is not None:
+        adapter = lora.adapter_of(state, sft, copy.deepcopy(policy), config)
     copy_into(policy, {name: t.to(next(policy.parameters()).device) for name, t in state.items()})
     with atomic_dir(folder) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            adapter.save_pretrained(tmp / "adapter")
         write_json(tmp / "training_metrics.json", metrics)
         (tmp / "README.md").write_text(model_card(config, metrics))
 
@@ -247,7 +276,13 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
     with timed(out, "evaluate"):
         evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths)
     results = write_results(evaluated, paths.eval, out)
-    write_report(out, dump_config(config), results)
+    report = write_report(out, dump_config(config), results)
+    tracked = tracking(config, out)
+    if tracked:
+        for name, row in results["policies"].items():
+            tracked.log("evaluation", {f"{name}/{key}": value for key, value in row.items()}, 0)
+        tracked.text("evaluation", "report", report.read_text())
+        tracked.close()
     return results
 
 
