@@ -54,14 +54,18 @@ get their prompts handed over and never import `datasets` (with pandas and pyarr
 resident memory that a WARP run process does not have)."""
 
 
-def _config():
+def _config(lora_r: int = 0):
     from warp_rlhf.config import WarpConfig
 
     return WarpConfig(
         batch_size=BATCH, max_new_tokens=NEW_TOKENS, ema_rate=MU, beta=BETA, learning_rate=LR, device="cpu",
         prompt_min_tokens=4, prompt_max_tokens=MAX_PROMPT_TOKENS, reward_train_pairs=10, reward_eval_pairs=10,
-        rl_prompts=256, eval_prompts=10,
+        rl_prompts=256, eval_prompts=10, lora_r=lora_r,
     )  # fmt: skip
+
+
+LORA_R = 8
+"""The adapters' rank when LoRA is measured (`measure_lora`): every linear layer but the output."""
 
 
 def write_prompts(path: Path) -> None:
@@ -128,23 +132,25 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_ours(steps: int, run: int | None = None) -> dict:
+def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
     """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS.
     `run` m: WARP's run m of the runs side by side (its own seeds); None: one run alone, whose
-    matrix products are then also timed alone (`product_seconds`)."""
-    from warp_rlhf.algorithm.reinforce import RunSpec, Trainer
+    matrix products are then also timed alone (`product_seconds`). `lora_r`: LoRA adapters of that
+    rank train instead of every weight."""
+    from warp_rlhf.algorithm.reinforce import Prompt, RunSpec, Trainer
     from warp_rlhf.cpu import keep_freed_memory
     from warp_rlhf.layout import RunFolder
 
     keep_freed_memory()  # as the CLI and a run's process do at their start
 
-    config, policy_path, tokenizer, prompts, reward_model, load_causal_lm = _embedded()
+    _, policy_path, tokenizer, texts, reward_model, load_causal_lm = _embedded()
+    config, prompts = _config(lora_r), [Prompt(text) for text in texts]
     policy = load_causal_lm(policy_path)
 
     reward_tokens = []  # real (unpadded) tokens the reward model reads, per step
 
     def reward(batch_prompts, completions):
-        texts = [p + c for p, c in zip(batch_prompts, completions, strict=True)]
+        texts = [p.text + c for p, c in zip(batch_prompts, completions, strict=True)]
         encoded = reward_model.tokenizer(texts, truncation=True, max_length=reward_model.max_length)
         reward_tokens.append(sum(len(ids) for ids in encoded["input_ids"]))
         return reward_model.score(texts)
@@ -164,7 +170,8 @@ def measure_ours(steps: int, run: int | None = None) -> dict:
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
     flops = sum(median["flops"].values())
-    products = product_seconds(policy, median["tokens"], median["completion_tokens"]) if run is None else None
+    alone = run is None and not lora_r
+    products = product_seconds(policy, median["tokens"], median["completion_tokens"]) if alone else None
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     return {
@@ -341,7 +348,14 @@ def measure_merge(steps: int = 0, run: None = None) -> dict:
     return {"merge_seconds": min(merge_seconds), "add_seconds": min(add_seconds)}
 
 
-MEASUREMENTS = {"ours": measure_ours, "trl": measure_trl, "peak": measure_peak, "merge": measure_merge}
+def measure_lora(steps: int, run: None = None) -> dict:
+    """Our step with LoRA adapters of rank `LORA_R` (only they train; the anchor is a full copy)."""
+    return measure_ours(steps, run, lora_r=LORA_R)
+
+
+MEASUREMENTS = {
+    "ours": measure_ours, "lora": measure_lora, "trl": measure_trl, "peak": measure_peak, "merge": measure_merge,
+}  # fmt: skip
 
 
 def _command(name: str, steps: int, run: int | None = None, threads: int | None = None) -> list[str]:
@@ -416,8 +430,8 @@ def main() -> None:
 def _measure_all(steps: int) -> dict:
     """Each measurement of the plan in its own processes."""
     results, peaks = {}, []
-    plan = [("peak", _child), ("ours", _side_by_side), ("ours", _child), ("peak", _child), ("trl", _side_by_side),
-            ("peak", _child), ("merge", _child)]  # fmt: skip
+    plan = [("peak", _child), ("ours", _side_by_side), ("ours", _child), ("lora", _child), ("peak", _child),
+            ("trl", _side_by_side), ("peak", _child), ("merge", _child)]  # fmt: skip
     for name, measure in plan:
         layout = "side by side" if measure is _side_by_side else "alone"
         print(f"measuring {name} ({layout}) …", file=sys.stderr, flush=True)
@@ -430,7 +444,7 @@ def _measure_all(steps: int) -> dict:
             samples = sum(run["samples_per_second"] for run in result)
             results[f"{name}_side_by_side"] = {"runs": result, "samples_per_second": samples}
         else:
-            results[f"{name}_alone" if name == "ours" else name] = result
+            results[f"{name}_alone" if name in {"ours", "lora"} else name] = result
     return results
 
 
@@ -446,12 +460,17 @@ def write_results(results: dict) -> None:
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
         "rss_vs_bound": sum(r["peak_rss_bytes"] for r in runs) / sum(r["lower_bound_bytes"] for r in runs),
     }
+    lora = results["lora_alone"]
+    lora_figures = {
+        "lora_step_vs_full": lora["seconds_per_step"] / alone["seconds_per_step"],
+        "lora_rss_vs_full": lora["peak_rss_bytes"] / alone["peak_rss_bytes"],
+    }
     alone["utilisation_per_phase"] = {
         phase: flops / alone["phases"][f"seconds_{phase}"] / peak for phase, flops in alone["flops_per_phase"].items()
     }
     alone["mfu_products_only"] = products_only_mfu(alone, peak)
-    results = {**summary, "details": results, "command": "python benchmarks/run.py", "torch_threads": _threads(),
-               "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
+    results = {**summary, **lora_figures, "details": results, "command": "python benchmarks/run.py",
+               "torch_threads": _threads(), "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "RESULTS.md").write_text(results_markdown(results))
     print(json.dumps(summary, indent=2))
@@ -494,6 +513,12 @@ def results_markdown(results: dict) -> str:
         f" (each step: {_spread(alone['step_seconds'])} s), mfu {alone['utilisation']['median']:.2f}"
     )
     memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
+    lora = d["lora_alone"]
+    lora_step = (
+        f"{lora['seconds_per_step']:.2f} s per step ({results['lora_step_vs_full']:.2f}x the full step), peak RSS "
+        f"{lora['peak_rss_bytes'] / gib:.2f} GiB against {alone['peak_rss_bytes'] / gib:.2f} GiB "
+        f"({results['lora_rss_vs_full']:.2f}x)"
+    )
     return f"""# Benchmark results
 
 Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
@@ -523,6 +548,7 @@ steps over their seconds are listed too. For reference, one run alone on all the
 | mfu of each measured step, all runs (how much the host moves it) | {_spread(ours["utilisation"]["per_step"])} |
 | mfu of all measured steps together (their FLOPs over their seconds) | {ours["utilisation"]["all_steps"]:.2f} |
 | one run alone on all the cores | {alone_step} |
+| the same with LoRA (rank {LORA_R}, every linear layer but the output; adapters alone train) | {lora_step} |
 | mfu of the alone run's median step, its phases taking only their matrix products | {alone["mfu_products_only"]:.2f} |
 | fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
 | model FLOPs per step (the alone run's median step) | {alone["flops_per_step"] / 1e9:.0f} GFLOP |

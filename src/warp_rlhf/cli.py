@@ -99,6 +99,8 @@ def _train(config: WarpConfig, args: argparse.Namespace) -> int:
 def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
     from warp_rlhf.stages.pipeline import evaluate_stage, prepare_output
 
+    if args.overwrite:
+        raise ConfigError("evaluate reads what the folder holds: --overwrite would delete it first")
     out = prepare_output(config, overwrite=args.overwrite)
     results = evaluate_stage(config, out)
     print(results_table(results["policies"]))
@@ -170,8 +172,8 @@ def _experiment(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.config is None:
         raise ConfigError("experiment needs --config FILE (for example experiments/paper.yaml)")
-    if _overrides(args, extra):
-        raise ConfigError("experiment takes its settings from its file, not from flags")
+    if _overrides(args, extra) or args.overwrite or args.resume:
+        raise ConfigError("experiment takes its settings from its file and always resumes: no flags but --config")
     experiment = Experiment.load(args.config)
     keep_freed_memory()
     with OutputLock(experiment.root.root):

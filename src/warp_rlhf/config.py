@@ -349,6 +349,14 @@ class WarpConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(WarpConfig)}
+
+RUN_FIELDS = (
+    "seed", "train_seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate",
+    "anchor", "baseline_anchor", "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps",
+    "precision", "reward_funcs", "reward_weights", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+)  # fmt: skip
+"""The fields a run's steps depend on: a checkpoint made with other values is not resumed
+(`algorithm.reinforce`), and a finished run made with them is not resumed over (`stages.output`)."""
 _TYPES = typing.get_type_hints(WarpConfig)
 
 

@@ -45,7 +45,7 @@ def test_a_steps_merged_weights_are_the_full_weights_with_the_same_delta(tiny_po
     trainer = Trainer(lora_config(tmp_path), load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
     spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), 0.1)
     optimizer, scheduler = new_optimizer(trainer.policy, trainer.config)
-    trainer._restore(spec, None, optimizer, scheduler)
+    trainer._restore(spec, None, optimizer, scheduler, 3)
     trainer.step(spec, 0, optimizer, scheduler)
     merged = trainer.weights()
     for name, expected in by_hand(trainer).items():
@@ -65,7 +65,7 @@ def test_the_anchor_is_the_ema_of_the_merged_weights(tiny_policy, tmp_path):
     trainer = Trainer(lora_config(tmp_path), load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
     spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), mu)
     optimizer, scheduler = new_optimizer(trainer.policy, trainer.config)
-    trainer._restore(spec, None, optimizer, scheduler)
+    trainer._restore(spec, None, optimizer, scheduler, 3)
     expected = {name: trainer.anchor_state[name].clone() for name in by_hand(trainer)}
     for step in range(3):
         trainer.step(spec, step, optimizer, NoSchedule())
@@ -115,3 +115,23 @@ def test_the_cpu_fast_paths_handle_lora_layers_or_step_aside(tiny_policy, tmp_pa
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             assert torch.allclose(parameter.grad, grads[name], atol=1e-5), name
+
+
+def test_lora_on_gpt2_conv1d_layers_merges_in_their_layout(tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D): ΔW follows that layout, and a plain model
+    with the merged weights computes what the adapted one does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from warp_rlhf.algorithm.lora import adapted, add_adapters, merged_state
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    model = add_adapters(__import__("copy").deepcopy(plain), lora_config(tmp_path))
+    for module in adapted(model).values():
+        torch.nn.init.normal_(module.lora_B["default"].weight, std=0.2)
+    merged = merged_state(model)
+    assert merged["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)  # Conv1D: (in, out)
+    plain.load_state_dict({**plain.state_dict(), **merged}, strict=True)
+    ids = torch.tensor([[1, 5, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)

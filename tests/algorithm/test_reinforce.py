@@ -133,3 +133,34 @@ def test_adam_moments_allocated_up_front_update_like_lazily_created_ones(tiny_po
     for (name, a), b in zip(eager.named_parameters(), lazy.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
     assert not torch.equal(next(eager.parameters()), next(load_causal_lm(str(tiny_policy)).parameters()))
+
+
+def test_a_checkpoint_past_the_runs_end_restarts_it_rather_than_save_a_longer_run(tiny_policy, tmp_path):
+    """A run of 4 steps stopped after its step-2 checkpoint, resumed as a run of 1 step: the
+    checkpoint is set aside, and the result is bitwise the clean 1-step run."""
+    from tests.helpers import same_weights
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(spec, metrics):
+        if metrics["step"] == 3:
+            raise Stop
+
+    config = tiny_config(tmp_path, checkpoint_every=2)
+    folder = RunFolder(tmp_path / "cut")
+    policy = load_causal_lm(str(tiny_policy))
+    with pytest.raises(Stop):
+        Trainer(config, policy, make_tokenizer(), good_fraction, PROMPTS, log_step=stop_at_3).run(
+            RunSpec(1, 1, folder, 0.1), None, 4
+        )
+    assert (folder.checkpoint / "state.json").exists()
+    Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS).run(
+        RunSpec(1, 1, folder, 0.1), None, 1
+    )
+    clean = RunFolder(tmp_path / "clean")
+    Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS).run(
+        RunSpec(1, 1, clean, 0.1), None, 1
+    )
+    assert same_weights(folder.policy, clean.policy)
+    assert (tmp_path / "cut" / "checkpoint.previous" / "state.json").exists()

@@ -89,3 +89,9 @@ def test_verdicts():
     assert verdict([Difference(1, 0.5, 0.1), Difference(2, -0.3, 0.1)]) == "does not hold"
     assert verdict([Difference(1, 0.1, 0.1)]) == "inconclusive"
     assert verdict([Difference(1, -0.5, 0.1)], claimed="below") == "holds"
+
+
+def test_a_zero_difference_without_error_is_not_a_verdict():
+    """Two identical curves (every resample gives 0): z is 0, so the claim is inconclusive, not held."""
+    same = [Difference(1.0, 0.0, 0.0), Difference(2.0, 0.0, 0.0)]
+    assert [d.z for d in same] == [0.0, 0.0] and verdict(same) == "inconclusive"

@@ -44,3 +44,12 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
     assert main(["experiment", "--config", str(tmp_path / "paper.yaml")]) == 0  # everything reused
     assert (tmp_path / "runs" / "eval" / "policies" / "sft.json").stat().st_mtime_ns == before
     assert json.loads((tmp_path / "report" / "results.json").read_text())["claims"] == results["claims"]
+
+
+def test_an_experiment_without_what_the_claims_need_is_one_line_before_any_work(tmp_path, capsys):
+    from tests.helpers import cli_error
+
+    spec = {"config": {"output_dir": str(tmp_path / "runs"), "runs": 1}, "seeds": [0]}
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
+    line = cli_error(["experiment", "--config", str(tmp_path / "paper.yaml")], capsys)
+    assert "the claims need iterations >= 2 and runs >= 2" in line and not (tmp_path / "runs").exists()

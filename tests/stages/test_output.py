@@ -58,6 +58,9 @@ def test_a_corrected_setting_after_a_failure_restarts_the_unfinished_run(tiny_ar
     assert "kept in" in line and "iter_1/run_1 checkpointed at step" in line
     assert main(["train", *args, "--resume"]) == 0
     assert "its checkpoint was made with learning_rate=30.0, not 0.001: restarting" in capsys.readouterr().err
+    assert (tmp_path / "run" / "iter_1" / "run_1" / "checkpoint.previous" / "state.json").exists(), (
+        "set aside, not lost"
+    )
     clean = tmp_path / "clean"
     clean.mkdir()
     for shared in ("reward_model", "data"):
@@ -97,3 +100,8 @@ def test_two_train_processes_on_one_folder(tiny_args, tmp_path):
     assert first.wait(timeout=600) == 0, first.stderr.read()
     lines = (tmp_path / "run" / "iter_1" / "run_1" / "metrics.jsonl").read_text().splitlines()
     assert [line.split('"step": ')[1].split(",")[0] for line in lines] == ["1", "2", "3"]
+
+
+def test_evaluate_does_not_take_overwrite(tiny_args, tmp_path, capsys):
+    line = cli_error(["evaluate", *tiny_args, "--overwrite"], capsys)
+    assert "evaluate reads what the folder holds: --overwrite would delete it first" in line

@@ -31,7 +31,7 @@ def test_the_front_and_the_trajectory_start_at_the_sft_point():
     figure = front_figure(POLICIES, "reward", "mean reward-model score")
     lines = {container.get_label(): container.lines[0] for container in figure.axes[0].containers}
     front = lines["WARP LITI front (1−ν)θ_sft + νθ_slerp"]
-    trajectory = lines["REINFORCE, SFT anchor (trajectory)"]
+    trajectory = lines["REINFORCE baseline (trajectory)"]
     assert np.allclose(front.get_xdata(), [0.0, 1.0, 3.0]) and np.allclose(front.get_ydata(), [0.0, 0.5, 1.0])
     assert np.allclose(trajectory.get_xdata(), [0.0, 4.0, 9.0]) and np.allclose(trajectory.get_ydata(), [0, 0.9, 1.5])
     plt.close(figure)

@@ -61,10 +61,11 @@ def adapted(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def delta(module: torch.nn.Module) -> torch.Tensor:
-    """ΔW = (α/r)·B·A of one LoRA layer."""
-    a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-    return (b @ a) * module.scaling[ADAPTER]
+def merged_weight(module: torch.nn.Module) -> torch.Tensor:
+    """W + ΔW of one LoRA layer, ΔW = (α/r)·B·A laid out as W is (PEFT's `get_delta_weight`: a
+    GPT-2 Conv1D stores W transposed)."""
+    weight = module.base_layer.weight
+    return weight + module.get_delta_weight(ADAPTER).to(weight.dtype)
 
 
 def plain_name(name: str) -> str:
@@ -85,7 +86,7 @@ def merged_state(model: torch.nn.Module) -> State:
             continue
         state[plain_name(name)] = tensor
     for name, module in layers.items():
-        state[f"{name}.weight"] = module.base_layer.weight + delta(module).to(module.base_layer.weight.dtype)
+        state[f"{name}.weight"] = merged_weight(module)
     return state
 
 
@@ -125,24 +126,31 @@ def adapter_dropout(model: torch.nn.Module) -> Iterator[None]:
             module.eval()
 
 
-def adapter_of(final: State, sft: State, model: torch.nn.Module, config: WarpConfig, tolerance: float = 1e-6):
-    """A PEFT LoRA adapter on θ_sft whose update is exactly `final` − θ_sft on every adapted weight
-    (the other tensors must be unchanged). Each layer's rank is that of its change (SVD), so the
-    adapter holds WARP's merged, LITI-interpolated policy exactly: `model` is a plain copy of the
-    policy; it comes back with the adapter in it, ready for `save_pretrained`."""
+def adapter_of(final: State, sft: State, model: torch.nn.Module, config: WarpConfig):
+    """A PEFT LoRA adapter on θ_sft whose update is `final` − θ_sft on every adapted weight (the
+    other tensors must be unchanged), from a truncated SVD of that change.
+
+    The change is a sum of the I·M runs' rank-r updates (SLERP and LITI are linear combinations),
+    so its rank is at most I·M·r: truncating there keeps all of it but the fp32 rounding of
+    `final` − θ_sft, which would otherwise look full-rank. `model` is a plain copy of the policy;
+    it comes back with the adapter in it, ready for `save_pretrained`."""
     peft = require_peft()
-    names = list(adapted(add_adapters(copy.deepcopy(model), config)))
+    layers = adapted(add_adapters(copy.deepcopy(model), config))
+    most = config.iterations * config.runs * config.lora_r
     factors, ranks = {}, {}
-    for name in names:
+    for name, module in layers.items():
         change = final[f"{name}.weight"].double() - sft[f"{name}.weight"].double()
+        if module.fan_in_fan_out:  # PEFT's B·A is (out, in); a Conv1D stores the weight (in, out)
+            change = change.T
         u, s, v = torch.linalg.svd(change, full_matrices=False)
-        rank = max(1, int((s > tolerance * max(float(s[0]), 1e-30)).sum()))
+        rank = max(1, min(most, int((s > 1e-12 * max(float(s[0]), 1e-300)).sum())))
         factors[name] = ((u[:, :rank] * s[:rank]).float(), v[:rank].float())
         ranks[name] = rank
     top = max(ranks.values())
     lora = peft.LoraConfig(
-        r=top, lora_alpha=top, target_modules=names, rank_pattern=ranks, alpha_pattern=ranks, bias="none"
-    )
+        r=top, lora_alpha=top, target_modules=list(layers), rank_pattern=ranks, alpha_pattern=ranks, bias="none",
+        fan_in_fan_out=any(module.fan_in_fan_out for module in layers.values()),
+    )  # fmt: skip
     peft_model = peft.get_peft_model(model, lora)
     with torch.no_grad():
         for name, module in adapted(peft_model).items():

@@ -197,14 +197,17 @@ def merge_task_vectors(
     for name, base in init.items():
         flat = base.reshape(-1)
         finals = [load_run_tensor(m, name).reshape(-1).to(flat) for m in range(runs)]
-        buffer = buffers.setdefault(base.dtype, torch.empty(runs, chunk, dtype=base.dtype, device=base.device))
+        if base.dtype not in buffers:
+            buffers[base.dtype] = torch.empty(runs, chunk, dtype=base.dtype, device=base.device)
+        buffer = buffers[base.dtype]
         pieces = range(0, flat.numel(), chunk)
         kept = method == "slerp" and len(pieces) == 1  # the first pass leaves the task vectors in `buffer`
         if method == "lerp":
             w = lerp_weights(runs, weight)
         else:
-            w, closest = _iterate(_gram(finals, flat, buffer, chunk, exact=False), weight)
-            if closest < DELICATE:
+            gram = _gram(finals, flat, buffer, chunk, exact=False)
+            w, closest = _iterate(gram, weight)
+            if closest < DELICATE and any(gram[m][m] > 0 for m in range(runs)):  # all zero (a frozen tensor): exact
                 w = slerp_weights(_gram(finals, flat, buffer, chunk, exact=True), weight)
         result = torch.empty_like(flat)
         for start in pieces:

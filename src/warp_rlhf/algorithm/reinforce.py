@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -44,7 +45,7 @@ from warp_rlhf.checkpoint import (
     save_tensors,
     write_json,
 )
-from warp_rlhf.config import WarpConfig
+from warp_rlhf.config import RUN_FIELDS, WarpConfig
 from warp_rlhf.cpu import lean_backward
 from warp_rlhf.errors import WarpError
 from warp_rlhf.layout import RunFolder
@@ -68,12 +69,6 @@ class Prompt:
 RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]
 """r(x, y): (prompts, completions) → one score per completion."""
 
-RUN_FIELDS = (
-    "seed", "train_seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate",
-    "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps", "precision", "lora_r", "lora_alpha",
-    "lora_dropout", "lora_target_modules",
-)  # fmt: skip
-"""The config fields a run's steps depend on: a checkpoint made with other values is not resumed."""
 
 logger = logging.getLogger("warp_rlhf")
 
@@ -311,7 +306,7 @@ class Trainer:
             return list(self.anchor_state.values()), list(self.policy_state.values())
         with torch.no_grad():
             layers = lora.adapted(self.policy)
-            merged = [m.base_layer.weight + lora.delta(m).to(m.base_layer.weight.dtype) for m in layers.values()]
+            merged = [lora.merged_weight(module) for module in layers.values()]
         return [self.anchor_state[f"{name}.weight"] for name in layers], merged
 
     def _policy_gradient(self, trajectory: Trajectory, where: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -390,7 +385,7 @@ class Trainer:
         files.path.mkdir(parents=True, exist_ok=True)
         optimizer, scheduler = new_optimizer(self.policy, self.config)
         try:
-            start = self._restore(spec, init, optimizer, scheduler)
+            start = self._restore(spec, init, optimizer, scheduler, steps)
         except UnreadableFile as error:
             remedy = (
                 f"delete {files.checkpoint} and run again with --resume to restart this run from its init"
@@ -437,22 +432,26 @@ class Trainer:
     def _run_fields(self) -> dict:
         return {name: getattr(self.config, name) for name in RUN_FIELDS}
 
-    def _restore(self, spec: RunSpec, init: Path | None, optimizer, scheduler) -> int:
+    def _restore(self, spec: RunSpec, init: Path | None, optimizer, scheduler, steps: int) -> int:
         """Load the run's checkpoint if there is one and it was made with this run's settings (a
         checkpoint of other settings is set aside: the run restarts from θ_init). Returns the step."""
         path = spec.folder.checkpoint
         if self.lora:  # fresh adapters, drawn from the run's seed (a checkpoint overwrites them)
             lora.reset_adapters(self.policy, derived_seed(run_seed(self.config), spec.iteration, spec.run, "lora"))
         if (path / "state.json").exists():
-            made_with = read_json(path / "state.json").get("fields", self._run_fields())
-            changed = [name for name, value in self._run_fields().items() if made_with.get(name, value) != value]
+            saved = read_json(path / "state.json")
+            made_with = saved.get("fields", self._run_fields()) | {"steps": max(saved["step"], steps)}
+            current = self._run_fields() | {"steps": steps}  # a checkpoint past the run's end is not resumed
+            changed = [name for name, value in current.items() if made_with.get(name, value) != value]
             if changed:
-                name = changed[0]
+                name, aside = changed[0], path.with_name(f"{path.name}.previous")
                 logger.warning(
-                    "%s: its checkpoint was made with %s=%r, not %r: restarting the run from its init",
-                    spec.name, name, made_with[name], getattr(self.config, name),
+                    "%s: its checkpoint was made with %s=%r, not %r: restarting the run from its init "
+                    "(the checkpoint is kept as %s)",
+                    spec.name, name, made_with[name], current[name], aside,
                 )  # fmt: skip
-                shutil.rmtree(path)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
         if not (path / "state.json").exists():
             start = load_tensors(init, self.device) if init is not None else self.weights()
             if self.lora:

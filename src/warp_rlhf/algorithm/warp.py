@@ -62,7 +62,7 @@ def train_warp(config: WarpConfig, sft: State, out: OutputDir, run_all: Runner) 
             _check_readable([], specs)
             merged = merge_task_vectors(
                 load_tensors(out.init(iteration)),
-                _run_tensors([spec.folder for spec in specs]),
+                run_tensors([spec.folder for spec in specs]),
                 config.runs,
                 config.resolved_slerp_lambda,
                 config.merge_method,
@@ -92,7 +92,7 @@ def _check_readable(files: list[Path], finished: list[RunSpec]) -> None:
             ) from None
 
 
-def _run_tensors(folders: list[RunFolder]) -> Callable[[int, str], torch.Tensor]:
+def run_tensors(folders: list[RunFolder]) -> Callable[[int, str], torch.Tensor]:
     """Run m's tensor `name`, read from its file on demand: one tensor of each run in memory."""
     handles = [safe_open(str(folder.policy), framework="pt") for folder in folders]
     return lambda m, name: handles[m].get_tensor(name)

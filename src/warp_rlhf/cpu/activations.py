@@ -87,8 +87,8 @@ class _GatedProjection(torch.autograd.Function):
             activated = ctx.activation(gate)
         hidden = activated.detach() * up
         grad_hidden = input_gradient(grad_out, weight)
-        grad_weight = grad_out.flatten(0, -2).T @ hidden.flatten(0, -2)
-        grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.has_bias else None
+        grad_weight = grad_out.flatten(0, -2).T @ hidden.flatten(0, -2) if ctx.needs_input_grad[2] else None
+        grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         (grad_gate,) = torch.autograd.grad(activated, gate, grad_hidden * up)
         return grad_gate, grad_hidden.mul_(activated.detach()), grad_weight, grad_bias, None
 

@@ -39,7 +39,8 @@ def run_in_processes(job: RunJob, specs: list[RunSpec], init_path: Path) -> None
     (an error, Ctrl-C, SIGTERM), its run processes are terminated before it returns; each one's
     progress is in its checkpoint. A driver killed outright takes them with it (`_worker_start`).
     """
-    processes, threads = side_by_side(len(specs))
+    processes, threads = side_by_side(job.config.runs)  # by M, not by the runs left: the same threads on resume
+    processes = min(processes, len(specs))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_worker_start)
     try:

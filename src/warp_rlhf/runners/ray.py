@@ -34,8 +34,8 @@ def run_on_ray(job: RunJob, specs: list[RunSpec], init_path: Path) -> None:
     task = ray.remote(
         num_cpus=config.ray_num_cpus,
         num_gpus=config.ray_num_gpus,
-        max_retries=config.ray_max_retries,
-        retry_exceptions=True,
+        max_retries=config.ray_max_retries,  # a lost worker or node: the task resumes from its checkpoint
+        retry_exceptions=False,  # an error of the run (a NaN, bad input) would only happen again
     )(run_one)
     threads = max(1, int(config.ray_num_cpus))
     pending = [task.remote(job, spec, str(init_path), threads) for spec in specs]
@@ -43,8 +43,7 @@ def run_on_ray(job: RunJob, specs: list[RunSpec], init_path: Path) -> None:
         ray.get(pending)
     except ray.exceptions.RayError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise WarpError(f"a Ray run failed after {config.ray_max_retries} retries: {reason}") from None
-    except BaseException:  # the driver stops (Ctrl-C, SIGTERM): its tasks stop with it
+        raise WarpError(f"a Ray run failed: {reason}") from None
+    finally:  # a run failed, or the driver stops (Ctrl-C, SIGTERM): no task outlives it
         for ref in pending:
             ray.cancel(ref, force=True)
-        raise

@@ -35,7 +35,13 @@ def run_one(job: RunJob, spec: RunSpec, init_path: str, threads: int, bar: int |
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    job.make_trainer().run(spec, Path(init_path), job.config.steps, bar=bar)
+    trainer = job.make_trainer()
+    try:
+        trainer.run(spec, Path(init_path), job.config.steps, bar=bar)
+    finally:
+        close = getattr(trainer.log_step, "close", None)  # a tracker's runs end with the process's work
+        if close is not None:
+            close()
     if not spec.folder.done.exists():
         raise RuntimeError(f"{spec.name} ended without {spec.folder.done.name}")
     return str(spec.folder.path)

@@ -43,7 +43,9 @@ class Difference:
 
     @property
     def z(self) -> float:
-        return self.difference / self.se if self.se > 0 else math.copysign(math.inf, self.difference)
+        if self.se > 0:
+            return self.difference / self.se
+        return 0.0 if self.difference == 0 else math.copysign(math.inf, self.difference)
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -181,7 +183,7 @@ def front_against_trajectory(evaluated: dict) -> dict | None:
     differences = compare(front, trajectory)
     return {
         "a": "WARP LITI front",
-        "b": "REINFORCE trajectory (SFT anchor)",
+        "b": "REINFORCE trajectory",
         "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
         "verdict": verdict(differences),
         "se": "paired bootstrap over prompts",

@@ -32,8 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from warp_rlhf.algorithm.baseline import trajectory_files  # noqa: E402
 from warp_rlhf.algorithm.merge import State, lerp, merge_task_vectors  # noqa: E402
+from warp_rlhf.algorithm.warp import run_tensors  # noqa: E402
 from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text  # noqa: E402
-from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field  # noqa: E402
+from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field, validate  # noqa: E402
 from warp_rlhf.errors import ConfigError  # noqa: E402
 from warp_rlhf.layout import OutputDir  # noqa: E402
 from warp_rlhf.stages.compare import Point, compare, point_of, verdict  # noqa: E402
@@ -72,19 +73,35 @@ class Experiment:
         if len(seeds) < 1 or not all(0 < v <= 1 for v in nu) or 1.0 not in nu:
             raise ConfigError(f"experiment file {path}: seeds must be a non-empty list and nu values in (0, 1] with 1")
         runs = int(data.get("claim_5_runs", config.runs + 2))
-        if runs <= config.runs:
-            raise ConfigError(f"experiment file {path}: claim_5_runs ({runs}) must exceed config.runs ({config.runs})")
+        if config.iterations < 2 or config.runs < 2 or runs <= config.runs:
+            raise ConfigError(
+                f"experiment file {path}: the claims need iterations >= 2 and runs >= 2 (claims 4 and 2), and "
+                f"claim_5_runs ({runs}) above runs ({config.runs})"
+            )
         doc = data.get("claims_doc")
-        return cls(
-            config, seeds, nu, runs, Path(data.get("report_dir", "docs/paper-claims")), Path(doc) if doc else None
-        )
+        report = Path(data.get("report_dir", "docs/paper-claims"))
+        experiment = cls(config, seeds, nu, runs, report, Path(doc) if doc else None)
+        experiment.arms()  # every arm's config is checked now, before any work
+        return experiment
 
     @property
     def root(self) -> OutputDir:
         return OutputDir(Path(self.config.output_dir))
 
     def arm(self, name: str, **changes: Any) -> WarpConfig:
-        return dataclasses.replace(self.config, output_dir=str(self.root.root / name), **changes)
+        config = dataclasses.replace(self.config, output_dir=str(self.root.root / name), **changes)
+        validate(config)
+        return config
+
+    def arms(self) -> dict[str, WarpConfig]:
+        """The arms' configs: `warp_seed<s>` (WARP and its baseline), `reinforce_ema`, `more_runs`."""
+        first = self.seeds[0]
+        arms = {f"warp_seed{s}": self.arm(f"warp_seed{s}", train_seed=s) for s in self.seeds}
+        arms["reinforce_ema"] = self.arm("reinforce_ema", train_seed=first, baseline_anchor="ema")
+        arms["more_runs"] = self.arm(
+            "more_runs", train_seed=first, iterations=1, runs=self.claim_5_runs, slerp_lambda=None
+        )
+        return arms
 
 
 def run_experiment(experiment: Experiment) -> dict:
@@ -93,10 +110,7 @@ def run_experiment(experiment: Experiment) -> dict:
     shared_out = prepare_output(shared)
     reward_stage(shared, shared_out)
     load_splits(shared, shared_out)
-    first = experiment.seeds[0]
-    arms = {f"warp_seed{s}": experiment.arm(f"warp_seed{s}", train_seed=s) for s in experiment.seeds}
-    arms["reinforce_ema"] = experiment.arm("reinforce_ema", train_seed=first, baseline_anchor="ema")
-    arms["more_runs"] = experiment.arm("more_runs", train_seed=first, iterations=1, runs=experiment.claim_5_runs)
+    first, arms = experiment.seeds[0], experiment.arms()
     for name, config in arms.items():
         out = prepare_output(config)
         share_data(shared_out, out)
@@ -150,15 +164,12 @@ def _file(path: Path) -> Weights:
     return lambda sft: lambda: load_tensors(path)
 
 
-def _merge(folder: OutputDir, runs: int, method: str) -> Callable[[], State]:
-    """θ_init + SLERP (or LERP) of iteration 1's first `runs` runs of `folder`."""
+def _merge(folder: OutputDir, runs: int, method: str, weight: float | None) -> Callable[[], State]:
+    """θ_init + SLERP (or LERP) of iteration 1's first `runs` runs of `folder`, with λ `weight`."""
 
     def weights() -> State:
-        from safetensors import safe_open
-
-        handles = [safe_open(str(folder.run(1, m).policy), framework="pt") for m in range(1, runs + 1)]
-        load = lambda m, name: handles[m].get_tensor(name)  # noqa: E731
-        return merge_task_vectors(load_tensors(folder.init(1)), load, runs, None, method)
+        load = run_tensors([folder.run(1, m) for m in range(1, runs + 1)])
+        return merge_task_vectors(load_tensors(folder.init(1)), load, runs, weight, method)
 
     return weights
 
@@ -178,7 +189,8 @@ def _curves(experiment: Experiment, arms: dict[str, WarpConfig]) -> dict[str, li
         ]
     out = OutputDir(Path(arms[f"warp_seed{first}"].output_dir))
     curves["iteration_1"] = _front("iteration_1", lambda: load_tensors(out.slerp(1)), nu)
-    curves["lerp_iteration_1"] = _front("lerp_iteration_1", _merge(out, experiment.config.runs, "lerp"), nu)
+    weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with
+    curves["lerp_iteration_1"] = _front("lerp_iteration_1", _merge(out, experiment.config.runs, "lerp", weight), nu)
     ema = arms["reinforce_ema"]
     ema_out = OutputDir(Path(ema.output_dir))
     curves["reinforce_ema"] = [
@@ -187,7 +199,7 @@ def _curves(experiment: Experiment, arms: dict[str, WarpConfig]) -> dict[str, li
     more = OutputDir(Path(arms["more_runs"].output_dir))
     for m in range(1, experiment.claim_5_runs + 1):
         if m != experiment.config.runs:  # M = runs is iteration_1 itself
-            curves[f"runs_{m}"] = _front(f"runs_{m}", _merge(more, m, "slerp"), nu)
+            curves[f"runs_{m}"] = _front(f"runs_{m}", _merge(more, m, "slerp", None), nu)
     return curves
 
 

@@ -26,9 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from warp_rlhf.algorithm.reinforce import RUN_FIELDS
 from warp_rlhf.checkpoint import read_json
-from warp_rlhf.config import WarpConfig, config_to_dict, read_yaml
+from warp_rlhf.config import RUN_FIELDS, WarpConfig, config_to_dict, read_yaml
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import LOCK_FILE, OutputDir
 
@@ -42,12 +41,12 @@ REWARD_FIELDS = SPLIT_FIELDS | {"reward_model", "reward_epochs", "reward_batch_s
 OPTIMISED_FIELDS = REWARD_FIELDS | {"reward_funcs", "reward_weights"}
 """What r(x, y), the reward a policy was trained on, depends on."""
 WARP_RUN_FIELDS = (
-    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate", "anchor", "merge_method"}
-)
+    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate", "merge_method"}
+) - {"baseline_anchor"}
 """A finished WARP run of iteration i depends on its settings and on θ_init, i.e. on the merges before it."""
-BASELINE_FIELDS = (
-    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"iterations", "runs", "steps", "trajectory_points", "baseline_anchor"}
-)
+BASELINE_FIELDS = (OPTIMISED_FIELDS | set(RUN_FIELDS) | {"iterations", "runs", "steps", "trajectory_points"}) - {
+    "anchor"
+}
 EVALUATION_FIELDS = OPTIMISED_FIELDS | {"temperature", "judge"}
 
 
@@ -99,7 +98,7 @@ def check_compatible(config: WarpConfig, out: Path) -> None:
 
 
 OWN = re.compile(r"^(config\.yaml|data|reward_model|iter_\d+|final|reinforce|eval|report\.md|timings\.json|sweep"
-                 r"|\.warp-rlhf\.lock|\..*\.(tmp|old)-\d+)$")  # fmt: skip
+                 r"|tensorboard|wandb|\.warp-rlhf\.lock|\..*\.(tmp|old)-\d+)$")  # fmt: skip
 """The names warp-rlhf writes at the top of an output folder; anything else is the user's."""
 
 
@@ -187,13 +186,13 @@ def owned(out: Path) -> Iterator[None]:
     when the command fails is removed (bad input leaves nothing behind), any other is kept."""
     created = not out.exists()
     refuse_foreign(out)
-    try:
-        with OutputLock(out):
+    with OutputLock(out):
+        try:
             yield
-    except BaseException:
-        if created and out.is_dir() and not has_progress(out) and not foreign_entries(out):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:  # cleaned while the lock is held: no other process is in the folder
+            if created and out.is_dir() and not has_progress(out) and not foreign_entries(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def progress_summary(out: Path) -> str:

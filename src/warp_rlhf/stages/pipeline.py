@@ -144,7 +144,7 @@ def trainer_from_folders(config: WarpConfig, policy_path: str, out: str, prompts
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     rewards = build_rewards(config, Path(out), tokenizer, device)
-    return Trainer(config, policy, tokenizer, rewards, prompts, log_step=tracking(config, Path(out)).step_logger())
+    return Trainer(config, policy, tokenizer, rewards, prompts, log_step=tracking(config, Path(out)))
 
 
 def tracking(config: WarpConfig, out: Path) -> Tracking:
@@ -192,7 +192,7 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
     with timed(out, f"train {config.method}"):
         trainer = None
         if config.backend == "local" or not warp:
-            trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts, log_step=tracked.step_logger())
+            trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts, log_step=tracked)
         if warp:
             factory = functools.partial(
                 trainer_from_folders, config, assets.resolve_policy(config), str(out.resolve()), splits.rl_prompts
@@ -229,12 +229,27 @@ def save_policy(
 
 
 def model_card(config: WarpConfig, metrics: dict) -> str:
+    if config.method == "warp":
+        title, how = (
+            "WARP policy",
+            (
+                "[warp-rlhf](https://arxiv.org/abs/2406.16768): Weight Averaged Rewarded Policies "
+                f"(I={config.iterations}, M={config.runs}, T={config.steps}, μ={config.ema_rate}, "
+                f"λ={config.resolved_slerp_lambda:g}, η={config.liti_rate}, β={config.beta}, anchor {config.anchor}, "
+                f"merge {config.merge_method})"
+            ),
+        )
+    else:
+        title, how = (
+            "REINFORCE baseline policy",
+            (
+                f"warp-rlhf's REINFORCE baseline ({config.iterations * config.runs * config.steps} steps, "
+                f"β={config.beta}, anchor {config.baseline_anchor})"
+            ),
+        )
     return (
         "---\nlibrary_name: transformers\ntags: [warp, rlhf, reinforce]\n---\n\n"
-        "# WARP policy\n\n"
-        "Trained with [warp-rlhf](https://arxiv.org/abs/2406.16768): Weight Averaged Rewarded Policies "
-        f"(I={config.iterations}, M={config.runs}, T={config.steps}, μ={config.ema_rate}, "
-        f"λ={config.resolved_slerp_lambda:g}, η={config.liti_rate}, β={config.beta}).\n\n"
+        f"# {title}\n\nTrained with {how}.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(PATH)\n```\n\n"
         f"## Config\n\n```yaml\n{dump_config(config)}```\n\n"

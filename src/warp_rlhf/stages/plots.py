@@ -46,7 +46,7 @@ def front_figure(policies: dict, metric: str, label: str):
     styles = {
         "liti": dict(fmt="-o", color="tab:red", label="WARP LITI front (1−ν)θ_sft + νθ_slerp"),
         "iteration": dict(fmt="s", color="tab:orange", label="WARP θ_slerp per iteration"),
-        "reinforce": dict(fmt="--^", color="tab:blue", label="REINFORCE, SFT anchor (trajectory)"),
+        "reinforce": dict(fmt="--^", color="tab:blue", label="REINFORCE baseline (trajectory)"),
         "sft": dict(fmt="*", color="black", markersize=14, label="SFT policy"),
     }
     sft = policies.get("sft")

@@ -94,8 +94,8 @@ def specs(config) -> list[str]:
 
 
 def needs_reward_stage(config) -> bool:
-    """The reward stage runs only when a reward is the model it trains."""
-    return TRAINED in specs(config)
+    """The reward stage runs only when a reward, or the judge, is the model it trains."""
+    return TRAINED in specs(config) or config.judge == TRAINED
 
 
 def build_rewards(config, out: Path, policy_tokenizer, device: str = "cpu") -> Rewards:

@@ -121,13 +121,9 @@ class Tracking:
         for destination in self.run(name):
             destination.text(key, text)
 
-    def step_logger(self):
-        """A `Trainer` step callback: each run's metrics to the tracked run named as its folder."""
-
-        def log_step(spec, metrics: dict) -> None:
-            self.log(_run_name(spec.folder.path), metrics, metrics["step"])
-
-        return log_step
+    def __call__(self, spec, metrics: dict) -> None:
+        """As a `Trainer`'s `log_step`: each run's metrics to the tracked run named as its folder."""
+        self.log(_run_name(spec.folder.path), metrics, metrics["step"])
 
     def close(self) -> None:
         for destinations in self.open.values():
