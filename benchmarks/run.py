@@ -76,7 +76,7 @@ def write_prompts(path: Path) -> None:
 
     config = _config()
     tokenizer = load_tokenizer(assets.resolve_policy(config), padding_side="left")
-    path.write_text(json.dumps(split_reviews(load_reviews(config), config, tokenizer).rl_prompts))
+    path.write_text(json.dumps([p.text for p in split_reviews(load_reviews(config), config, tokenizer).rl_prompts]))
 
 
 def _embedded():

@@ -52,8 +52,10 @@ def run_in_processes(job: RunJob, specs: list[RunSpec], init_path: Path) -> None
             if isinstance(error, BrokenProcessPool):
                 raise WarpError("a run's process died before it finished (out of memory?)") from None
             raise error
-    finally:
-        _stop(pool)
+    except BaseException:
+        _stop(pool)  # a run failed, or the driver stops: the others stop too
+        raise
+    pool.shutdown(wait=True)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

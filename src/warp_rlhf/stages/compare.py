@@ -163,6 +163,11 @@ def verdict(differences: list[Difference], *, claimed: str = "above", threshold:
     return "inconclusive"
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """mean(a − b) and its standard error over paired per-prompt values (the same prompts, seeds)."""
+    return mean_and_se([x - y for x, y in zip(a, b, strict=True)])
+
+
 def point_of(samples) -> Point:
     """A `Point` from an evaluated policy's per-prompt values (`evaluate.Samples`), KL by the
     exact-per-token estimator."""

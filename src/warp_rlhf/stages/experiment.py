@@ -37,7 +37,7 @@ from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field, validate  # noqa: E402
 from warp_rlhf.errors import ConfigError  # noqa: E402
 from warp_rlhf.layout import OutputDir  # noqa: E402
-from warp_rlhf.stages.compare import Point, compare, point_of, verdict  # noqa: E402
+from warp_rlhf.stages.compare import Point, compare, paired_difference, point_of, verdict  # noqa: E402
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage  # noqa: E402
 from warp_rlhf.stages.plots import save_figure  # noqa: E402
 from warp_rlhf.stages.report import timed  # noqa: E402
@@ -238,7 +238,13 @@ def _results(experiment: Experiment, curves: dict, evaluated: dict, seconds: flo
         for seed in seeds:
             pair = [c.format(first=first, seed=seed, most=most) for c in (a, b)]
             differences = compare(curve(pair[0]), curve(pair[1]))
+            ends = [evaluated[curves[name][-1][0]][1] for name in pair]  # ν = 1, or the trajectory's last step
+            (reward, reward_se), (kl, kl_se) = (
+                paired_difference(*(getattr(s, m) for s in ends)) for m in ("reward", "kl_exact")
+            )
             claims.append({
+                "endpoints": {"a": curves[pair[0]][-1][0], "b": curves[pair[1]][-1][0], "reward_difference": reward,
+                              "reward_se": reward_se, "kl_difference": kl, "kl_se": kl_se},
                 "claim": key, "statement": statement, "seed": seed, "a": pair[0], "b": pair[1],
                 "label_a": label_a, "label_b": label_b, "verdict": verdict(differences),
                 "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
@@ -276,12 +282,19 @@ def write_report(experiment: Experiment, results: dict) -> None:
 
 
 def claims_table(results: dict) -> str:
-    """One row per claim (and seed): A − B at each matched KL, ± s.e., and the verdict."""
-    lines = ["| claim | seed | A − B at matched KL (nats): reward difference ± s.e. | verdict |", "|---|---|---|---|"]
+    """One row per claim (and seed): A − B at each matched KL, ± s.e., the verdict, and A − B
+    between the curves' last points (paired over prompts: reward, and KL in nats)."""
+    lines = [
+        "| claim | seed | A − B at matched KL (nats): reward difference ± s.e. | verdict "
+        "| A − B at their ends: reward; KL |",
+        "|---|---|---|---|---|",
+    ]
     for claim in results["claims"]:
         cells = "; ".join(f"KL {d['kl']:.2f}: {d['difference']:+.3f} ± {d['se']:.3f}" for d in claim["differences"])
+        e = claim["endpoints"]
+        ends = f"{e['reward_difference']:+.3f} ± {e['reward_se']:.3f}; {e['kl_difference']:+.2f} ± {e['kl_se']:.2f}"
         name = f"{claim['claim']} ({claim['label_a']} − {claim['label_b']})"
-        lines.append(f"| {name} | {claim['seed']} | {cells} | {claim['verdict']} |")
+        lines.append(f"| {name} | {claim['seed']} | {cells} | {claim['verdict']} | {ends} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,13 +41,18 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
     return text
 
 
+def with_template(tokenizers: list):
+    """The first tokenizer that has a chat template (the scorer's own, then the policy's)."""
+    return next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[-1])
+
+
 def scored_text(prompt: Prompt, completion: str, tokenizers: list) -> str:
     """What a model-based reward reads: the prompt followed by the completion, or for a
     conversational prompt the whole conversation rendered by the first of `tokenizers` that has a
     chat template (the scorer's own, else the policy's)."""
     if not prompt.conversational:
         return prompt.text + completion
-    template = next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[-1])
+    template = with_template(tokenizers)
     messages = [*prompt.raw, {"role": "assistant", "content": completion}]
     return render(template, messages, generation_prompt=False)
 
@@ -107,7 +112,7 @@ def preference_pairs(table, config: WarpConfig, tokenizers: list, name: str) -> 
         for side in ("chosen", "rejected"):
             value, prompt = row[side], row["prompt"] if explicit else None
             if is_conversation(value):
-                template = next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[-1])
+                template = with_template(tokenizers)
                 messages = ([*prompt] if is_conversation(prompt) else []) + list(value)
                 texts.append(render(template, messages, generation_prompt=False))
             elif isinstance(value, str):
