@@ -45,5 +45,6 @@ def run_on_ray(job: RunJob, specs: list[RunSpec], init_path: Path) -> None:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise WarpError(f"a Ray run failed: {reason}") from None
     finally:  # a run failed, or the driver stops (Ctrl-C, SIGTERM): no task outlives it
-        for ref in pending:
+        _, running = ray.wait(pending, num_returns=len(pending), timeout=0)
+        for ref in running:
             ray.cancel(ref, force=True)
