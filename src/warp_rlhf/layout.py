@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+REWARD_METRICS = "metrics.json"
 LOCK_FILE = ".warp-rlhf.lock"
 """Held (`flock`) by the process working in the folder (`stages.output.OutputLock`)."""
 
@@ -48,6 +49,14 @@ class RunFolder:
     def checkpoint(self) -> Path:
         return self.path / "checkpoint"
 
+    @property
+    def checkpoint_state(self) -> Path:
+        """Written last into a checkpoint: the step, the optimiser's groups, the run's settings."""
+        return self.checkpoint / "state.json"
+
+    def snapshots(self) -> list[Path]:
+        return sorted(self.path.glob("step_*.safetensors"))
+
     def snapshot(self, step: int) -> Path:
         """The policy after `step` steps, kept for the baseline's trajectory."""
         return self.path / f"step_{step}.safetensors"
@@ -71,6 +80,11 @@ class OutputDir:
     def reward_model(self) -> Path:
         return self.root / "reward_model"
 
+    @property
+    def reward_metrics(self) -> Path:
+        """The reward model's held-out accuracy; written last, so the model is finished when it exists."""
+        return self.reward_model / REWARD_METRICS
+
     def iteration(self, i: int) -> Path:
         return self.root / f"iter_{i}"
 
@@ -83,6 +97,13 @@ class OutputDir:
 
     def run(self, i: int, m: int) -> RunFolder:
         return RunFolder(self.iteration(i) / f"run_{m}")
+
+    def runs(self) -> list[RunFolder]:
+        """Every WARP run folder there is, iteration by iteration."""
+        return [RunFolder(path) for path in sorted(self.root.glob("iter_*/run_*")) if path.is_dir()]
+
+    def merges(self) -> list[Path]:
+        return sorted(self.root.glob("iter_*/slerp.safetensors"))
 
     @property
     def final(self) -> Path:
@@ -104,6 +125,18 @@ class OutputDir:
     def evaluated(self, policy: str) -> Path:
         """One evaluated policy's per-prompt values, kept so an interrupted evaluation resumes."""
         return self.eval / "policies" / f"{policy}.json"
+
+    def evaluated_all(self) -> list[Path]:
+        return sorted((self.eval / "policies").glob("*.json"))
+
+    @property
+    def tensorboard(self) -> Path:
+        """With `report_to: tensorboard`, one folder of event files per tracked run."""
+        return self.root / "tensorboard"
+
+    def sweep_values(self) -> list[Path]:
+        """A sweep's folders, one per value, each an output folder of its own."""
+        return sorted(self.root.glob("sweep/*=*"))
 
     @property
     def report(self) -> Path:

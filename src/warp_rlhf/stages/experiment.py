@@ -123,7 +123,8 @@ def run_experiment(experiment: Experiment) -> dict:
     curves = _curves(experiment, arms)
     with timed(experiment.root.root, "evaluate"):
         evaluated = evaluate_points(shared, shared_out, lambda sft: _points(curves, sft), experiment.root)
-    seconds = sum(sum(read_json(t).values()) for t in experiment.root.root.glob("*/timings.json"))
+    arms_and_shared = [OutputDir(Path(c.output_dir)) for c in [experiment.arm("shared"), *arms.values()]]
+    seconds = sum(sum(read_json(arm.timings).values()) for arm in arms_and_shared if arm.timings.exists())
     seconds += read_json(experiment.root.timings)["evaluate"]
     results = _results(experiment, curves, evaluated, seconds)
     write_report(experiment, results)

@@ -55,16 +55,16 @@ def finished_work(out: Path) -> dict[str, set[str]]:
     paths, found = OutputDir(out), {}
     if paths.splits.exists():
         found["the data splits (data/splits.json)"] = SPLIT_FIELDS
-    if (paths.reward_model / "metrics.json").exists():
+    if paths.reward_metrics.exists():
         found["the reward model (reward_model/)"] = REWARD_FIELDS
-    runs = sorted(out.glob("iter_*/run_*/done.json")) + sorted(out.glob("iter_*/slerp.safetensors"))
-    if runs:
-        found[f"WARP's finished runs and merges ({runs[0].parent.relative_to(out)}, …)"] = WARP_RUN_FIELDS
+    finished = [run.done for run in paths.runs() if run.done.exists()] + paths.merges()
+    if finished:
+        found[f"WARP's finished runs and merges ({finished[0].parent.relative_to(out)}, …)"] = WARP_RUN_FIELDS
     if (paths.final / "config.json").exists():
         found["the WARP policy (final/)"] = WARP_RUN_FIELDS | {"iterations"}
-    if paths.baseline.done.exists() or list(paths.baseline.path.glob("step_*.safetensors")):
+    if paths.baseline.done.exists() or paths.baseline.snapshots():
         found["the REINFORCE baseline (reinforce/)"] = BASELINE_FIELDS
-    if list(paths.eval.glob("policies/*.json")):
+    if paths.evaluated_all():
         found["evaluated policies (eval/policies/)"] = EVALUATION_FIELDS
     return found
 
@@ -72,11 +72,11 @@ def finished_work(out: Path) -> dict[str, set[str]]:
 def has_progress(out: Path) -> bool:
     """Whether `out` holds anything worth keeping: finished work or a run's checkpoint, here or in
     one of its sweep's folders."""
+    paths = OutputDir(out)
     return (
         any(not piece.startswith("the data splits") for piece in finished_work(out))  # splits are quick to cut again
-        or any(out.glob("iter_*/run_*/checkpoint"))
-        or OutputDir(out).baseline.checkpoint.exists()
-        or any(has_progress(value) for value in out.glob("sweep/*=*"))
+        or any(run.checkpoint.exists() for run in [*paths.runs(), paths.baseline])
+        or any(has_progress(value) for value in paths.sweep_values())
     )
 
 
@@ -99,7 +99,8 @@ def check_compatible(config: WarpConfig, out: Path) -> None:
 
 OWN = re.compile(r"^(config\.yaml|data|reward_model|iter_\d+|final|reinforce|eval|report\.md|timings\.json|sweep"
                  r"|tensorboard|wandb|\.warp-rlhf\.lock|\..*\.(tmp|old)-\d+)$")  # fmt: skip
-"""The names warp-rlhf writes at the top of an output folder; anything else is the user's."""
+"""The names warp-rlhf writes at the top of an output folder (`layout.OutputDir`); anything else is
+the user's."""
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -200,21 +201,19 @@ def progress_summary(out: Path) -> str:
     paths, parts = OutputDir(out), []
     if not out.is_dir():
         return "nothing yet"
-    if (paths.reward_model / "metrics.json").exists():
+    if paths.reward_metrics.exists():
         parts.append("reward model")
-    done = sorted(out.glob("iter_*/run_*/done.json"))
+    done = [run for run in paths.runs() if run.done.exists()]
     if done:
         parts.append(f"{len(done)} finished WARP run{'s' * (len(done) > 1)}")
-    for checkpoint in sorted(out.glob("iter_*/run_*/checkpoint/state.json")) + sorted(
-        paths.baseline.checkpoint.glob("state.json")
-    ):
-        run = checkpoint.parent.parent.relative_to(out)
-        parts.append(f"{run} checkpointed at step {read_json(checkpoint)['step']}")
+    for run in [*paths.runs(), paths.baseline]:
+        if run.checkpoint_state.exists():
+            parts.append(f"{run.path.relative_to(out)} checkpointed at step {read_json(run.checkpoint_state)['step']}")
     if (paths.final / "config.json").exists():
         parts.append("the WARP policy (final/)")
     if paths.baseline.done.exists():
         parts.append("the REINFORCE baseline")
-    evaluated = list(paths.eval.glob("policies/*.json"))
+    evaluated = paths.evaluated_all()
     if evaluated:
         parts.append(f"{len(evaluated)} evaluated polic{'ies' if len(evaluated) > 1 else 'y'}")
     return ", ".join(parts) if parts else "nothing finished yet"

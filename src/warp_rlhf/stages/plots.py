@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from warp_rlhf.checkpoint import atomic_file  # noqa: E402
+from warp_rlhf.layout import OutputDir  # noqa: E402
 
 
 def reward_metrics(policies: dict) -> list[str]:
@@ -74,7 +75,8 @@ def plot_front(policies: dict, metric: str, label: str, path: Path) -> None:
 
 def plot_training_curves(out: Path, path: Path) -> None:
     """Reward and KL to the anchor over steps, one line per run (and the baseline)."""
-    logs = sorted(out.glob("iter_*/run_*/metrics.jsonl")) + sorted(out.glob("reinforce/metrics.jsonl"))
+    paths = OutputDir(out)
+    logs = [run.metrics for run in [*paths.runs(), paths.baseline] if run.metrics.exists()]
     if not logs:
         return
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)

@@ -12,8 +12,6 @@ from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.stages.plots import reward_metrics
 
-TIMINGS_FILE = "timings.json"
-
 
 @contextmanager
 def timed(out: Path, stage: str):
@@ -22,7 +20,7 @@ def timed(out: Path, stage: str):
     try:
         yield
     finally:
-        path = out / TIMINGS_FILE
+        path = OutputDir(out).timings
         timings = read_json(path) if path.exists() else {}
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
         write_json(path, timings)
@@ -101,12 +99,13 @@ def write_report(out: Path, config_text: str, results: dict, extra_sections: str
     policies = _order(results["policies"])
     if "matched_kl" in results:
         extra_sections = matched_kl_markdown(results["matched_kl"]) + extra_sections
-    timings_path = out / TIMINGS_FILE
+    timings_path = OutputDir(out).timings
     timings = read_json(timings_path) if timings_path.exists() else {}
     timing_lines = "\n".join(f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items())
-    plots = [p.name for p in sorted((out / "eval").glob("*.png"), key=lambda p: (p.name != "reward_vs_kl.png", p.name))]
+    figures_first = sorted(OutputDir(out).eval.glob("*.png"), key=lambda p: (p.name != "reward_vs_kl.png", p.name))
+    plots = [p.name for p in figures_first]
     figures = "\n\n".join(f"![{p[:-4]}](eval/{p})" for p in plots)
-    trained = OutputDir(out).reward_model / "metrics.json"
+    trained = OutputDir(out).reward_metrics
     accuracy = read_json(trained)["eval_pairwise_accuracy"] if trained.exists() else None
     about_reward = f"Reward model: held-out pairwise accuracy {accuracy:.3f}." if accuracy is not None else ""
     text = f"""# warp-rlhf report
@@ -126,7 +125,7 @@ exact-per-token estimator.
 
 ## One prompt, every policy
 
-{sample_completions(out / "eval", policies)}
+{sample_completions(OutputDir(out).eval, policies)}
 {extra_sections}
 ## Seconds per stage
 

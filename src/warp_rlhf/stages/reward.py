@@ -16,9 +16,8 @@ import torch
 from warp_rlhf.checkpoint import atomic_dir, write_json
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ModelError
+from warp_rlhf.layout import REWARD_METRICS
 from warp_rlhf.stages.models import context_window, load_tokenizer, loading
-
-METRICS_FILE = "metrics.json"
 
 
 def text_limit(model, tokenizer) -> int:
@@ -181,5 +180,5 @@ def train_reward_model(
         }
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / METRICS_FILE, metrics)
+        write_json(tmp / REWARD_METRICS, metrics)
     return metrics
