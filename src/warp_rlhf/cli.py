@@ -114,16 +114,15 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
 
 def results_table(policies: dict) -> str:
     """SFT, WARP and the baseline's last point as an aligned text table."""
+    from warp_rlhf.stages.plots import cell
+
     rows = [name for name in policies if policies[name]["kind"] in {"sft"} or name == "warp"]
     baseline = [name for name in policies if policies[name]["kind"] == "reinforce"]
     rows += baseline[-1:]
     lines = [f"{'policy':<16}{'reward':>16}{'judge':>16}{'KL exact':>16}{'KL k1':>16}"]
     for name in rows:
         p = policies[name]
-        cells = [
-            f"{p[m + '_mean']:.3f} ± {p[m + '_se']:.3f}" if m + "_mean" in p else "—"
-            for m in ("reward", "judge", "kl_exact", "kl_k1")
-        ]
+        cells = [cell(p, m) for m in ("reward", "judge", "kl_exact", "kl_k1")]
         lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells))
     if "sft" in policies and "warp" in policies:
         sft, warp = policies["sft"], policies["warp"]

@@ -39,7 +39,7 @@ from warp_rlhf.errors import ConfigError  # noqa: E402
 from warp_rlhf.layout import OutputDir  # noqa: E402
 from warp_rlhf.stages.compare import Point, compare, paired_difference, point_of, verdict  # noqa: E402
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage  # noqa: E402
-from warp_rlhf.stages.plots import save_figure  # noqa: E402
+from warp_rlhf.stages.plots import KL_LABEL, save_figure  # noqa: E402
 from warp_rlhf.stages.report import timed  # noqa: E402
 from warp_rlhf.stages.sweep import share_data  # noqa: E402
 
@@ -316,7 +316,7 @@ def _figure(results: dict, key: str, path: Path) -> None:
                 xerr=[r["kl_exact_se"] for r in rows], yerr=[r["reward_se"] for r in rows],
                 fmt="-o", capsize=3, label=f"{label} ({curve})",
             )  # fmt: skip
-    axes.set_xlabel("KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)")
+    axes.set_xlabel(KL_LABEL)
     axes.set_ylabel("mean reward")
     axes.set_title(key.replace("_", " "))
     axes.grid(alpha=0.3)

@@ -21,6 +21,17 @@ def reward_metrics(policies: dict) -> list[str]:
     return [m[: -len("_mean")] for m in first if m.startswith("reward_") and m.endswith("_mean") and m != "reward_mean"]
 
 
+KL_LABEL = "KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)"
+"""The x-axis of every reward-against-KL figure."""
+
+
+def cell(row: dict, metric: str) -> str:
+    """`mean ± s.e.` of a metric of a results row, or — where the row has none (no judge)."""
+    if f"{metric}_mean" not in row:
+        return "—"
+    return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
+
+
 def save_figure(figure, path: Path) -> None:
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -62,7 +73,7 @@ def front_figure(policies: dict, metric: str, label: str):
             for xi, yi, name in zip(x, y, names, strict=True):
                 tag = name.replace("liti_", "ν=").replace("reinforce_", "step ").replace("iter_", "iteration ")
                 axes.annotate(tag, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    axes.set_xlabel("KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)")
+    axes.set_xlabel(KL_LABEL)
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.layout import OutputDir
-from warp_rlhf.stages.plots import reward_metrics
+from warp_rlhf.stages.plots import cell, reward_metrics
 
 
 @contextmanager
@@ -26,12 +26,6 @@ def timed(out: Path, stage: str):
         write_json(path, timings)
 
 
-def _cell(row: dict, metric: str) -> str:
-    if f"{metric}_mean" not in row:
-        return "—"
-    return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
-
-
 def results_markdown(policies: dict) -> str:
     each = reward_metrics(policies)
     judged = any("judge_mean" in row for row in policies.values())
@@ -42,7 +36,7 @@ def results_markdown(policies: dict) -> str:
     )
     lines = [header, "|---" * (len(metrics) + 4) + "|"]
     for name, row in policies.items():
-        cells = [_cell(row, m) for m in metrics]
+        cells = [cell(row, m) for m in metrics]
         extra = f"{row['length_mean']:.1f} | {row['distinct_1']:.3f} | {row['distinct_2']:.3f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {extra} |")
     return "\n".join(lines)

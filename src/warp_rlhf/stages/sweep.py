@@ -25,7 +25,7 @@ from warp_rlhf.errors import ConfigError  # noqa: E402
 from warp_rlhf.layout import OutputDir  # noqa: E402
 from warp_rlhf.stages.output import REWARD_FIELDS  # noqa: E402
 from warp_rlhf.stages.pipeline import evaluate_stage, load_splits, prepare_output, reward_stage, train_stage  # noqa: E402
-from warp_rlhf.stages.plots import save_figure  # noqa: E402
+from warp_rlhf.stages.plots import KL_LABEL, cell, save_figure  # noqa: E402
 
 
 def sweep_configs(config: WarpConfig, param: str, values: list[str]) -> list[tuple[str, WarpConfig]]:
@@ -115,7 +115,7 @@ def write_summary(parent: Path, param: str, rows: list[dict]) -> None:
             "-o",
             label=f"{param}={row['value']}",
         )
-    ax.set_xlabel("KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)")
+    ax.set_xlabel(KL_LABEL)
     ax.set_ylabel("mean reward-model score")
     ax.set_title(f"LITI fronts (1−ν)θ_sft + νθ_slerp for each {param}")
     ax.grid(alpha=0.3)
@@ -124,10 +124,7 @@ def write_summary(parent: Path, param: str, rows: list[dict]) -> None:
 
     lines = [f"# Sweep over {param}", "", f"| {param} | reward | judge | KL exact | KL k1 |", "|---|---|---|---|---|"]
     for row in rows:
-        cells = [
-            f"{row[m + '_mean']:.3f} ± {row[m + '_se']:.3f}" if m + "_mean" in row else "—"
-            for m in ("reward", "judge", "kl_exact", "kl_k1")
-        ]
+        cells = [cell(row, m) for m in ("reward", "judge", "kl_exact", "kl_k1")]
         lines.append(f"| {row['value']} | " + " | ".join(cells) + " |")
     lines += ["", "![metrics](sweep/metrics_vs_value.png)", "", "![fronts](sweep/fronts.png)", ""]
     write_text(parent / "report.md", "\n".join(lines))
