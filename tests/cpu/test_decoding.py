@@ -86,12 +86,28 @@ def test_a_model_the_probe_rejects_decodes_with_its_own_forward(policy):
 
 @needs_onednn
 def test_sampling_draws_the_same_tokens_with_either_decoder(policy, monkeypatch):
+    """The probe's verdict, as sampling reads it (`warp_rlhf.cpu`), picks the decoder; each verdict
+    must decode with its own decoder, or the comparison would be of one decoder with itself."""
     prompts, tokenizer = ["the movie was", "a", "the plot and the actor"], make_tokenizer()
+    steps = []  # the class of the decoder behind each decode step
+
+    def counted_decoder(*args, **options):
+        step = decoding.decoder(*args, **options)
+
+        def counted(token):
+            steps.append(type(step))
+            return step(token)
+
+        return counted
+
+    monkeypatch.setattr(sampling.cpu, "decoder", counted_decoder)
     runs = []
-    for lean in (True, False):
-        monkeypatch.setattr(decoding, "decodes_exactly", lambda model, lean=lean: lean)
+    for lean, used in ((True, decoding.LlamaDecoder), (False, decoding.ModelDecoder)):
+        monkeypatch.setattr(sampling.cpu, "decodes_exactly", lambda model, lean=lean: lean)
+        steps.clear()
         torch.manual_seed(3)
         batch, logits = sampling.sample(policy, tokenizer, prompts, temperature=0.7, max_new_tokens=6, with_logits=True)
+        assert steps and set(steps) == {used}
         runs.append((batch.input_ids, logits))
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
