@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import signal
 from pathlib import Path
 
 import torch
@@ -119,14 +120,22 @@ TRAIN_FLAGS = ["--iterations", "2", "--runs", "2", "--steps", "3", "--batch_size
 """A small WARP run on the tiny models, with a checkpoint after every step."""
 
 
+def default_ctrl_c() -> None:
+    """Give SIGINT its default action: a child inherits an ignored SIGINT (tests started under
+    `nohup`, `trap '' INT` or a CI runner), and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(args: list[str], **options):
-    """`warp-rlhf ARGS` in a subprocess running this checkout's source (`subprocess.Popen`)."""
+    """`warp-rlhf ARGS` in a subprocess running this checkout's source (`subprocess.Popen`), with
+    Ctrl-C's default action however the tests were started (`default_ctrl_c`)."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    return subprocess.Popen([sys.executable, "-m", "warp_rlhf.cli", *args], env=env, text=True, **options)
+    command = [sys.executable, "-m", "warp_rlhf.cli", *args]
+    return subprocess.Popen(command, env=env, text=True, preexec_fn=default_ctrl_c, **options)
 
 
 def same_weights(a: Path, b: Path) -> bool:

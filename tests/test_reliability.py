@@ -1,10 +1,8 @@
 """Bad input: one clear line, exit code 2, nothing left behind. Crashes: SIGKILL, then --resume."""
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import make_tokenizer, write_reviews_csv
+from tests.helpers import cli_process, make_tokenizer, write_reviews_csv
 from warp_rlhf.cli import main
 from warp_rlhf.stages.models import load_tokenizer
 
@@ -124,15 +122,36 @@ KILL_POINTS = [
 
 
 def _train_until(args: list[str], pattern: str, out: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    process = subprocess.Popen([sys.executable, "-m", "warp_rlhf.cli", "train", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = cli_process(["train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline and not list(out.glob(pattern)):
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = (Path("/proc") / str(pid) / "status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the child's signal masks in /proc")
+def test_a_command_the_tests_start_takes_ctrl_c_even_when_the_tests_ignore_it(tiny_args):
+    """`nohup`, `trap '' INT` or a CI runner start the tests with SIGINT ignored; the commands they
+    start (`cli_process`) must still stop on Ctrl-C, as the signal tests expect."""
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = cli_process(["train", *tiny_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    try:
+        status = _status(process.pid)  # exec has set its dispositions; it is still importing
+        assert not status["State"].startswith("Z"), "the command ended before it could be read"
+        assert not int(status["SigIgn"], 16) & 1 << (signal.SIGINT - 1)
+    finally:
+        process.kill()
+        process.wait()
 
 @pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_is_bitwise_equal(tiny_args, tmp_path):
