@@ -1,11 +1,13 @@
 import json
+import re
+import shutil
 
 import pytest
 
 from tests.helpers import NEGATIVE_WORDS, POSITIVE_WORDS, make_tokenizer, write_reviews_csv
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import DataError
-from warp_rlhf.stages.data import clean, load_reviews, split_reviews
+from warp_rlhf.stages.data import clean, load_reviews, load_table, make_splits, split_reviews
 
 SIZES = dict(reward_train_pairs=60, reward_eval_pairs=20, rl_prompts=50, eval_prompts=30)
 
@@ -159,3 +161,73 @@ def test_too_few_reviews_long_enough_for_prompts_is_one_line(tmp_path):
     config = config_for(path, prompt_min_tokens=3, prompt_max_tokens=4, reward_train_pairs=10, reward_eval_pairs=5)
     with pytest.raises(DataError, match="have at least prompt_min_tokens=3 tokens: too few for 80 prompts"):
         split_reviews(load_reviews(config), config, make_tokenizer())
+
+
+EMPTY = {
+    "a 0-byte CSV": ("r.csv", b""),
+    "a 0-byte JSONL": ("r.jsonl", b""),
+    "a 0-byte JSON": ("r.json", b""),
+    "a 0-byte Parquet": ("r.parquet", b""),
+    "a JSONL of blank lines": ("r.jsonl", b"\n \n\r\n"),
+    "a CSV of a byte-order mark": ("r.csv", b"\xef\xbb\xbf\n"),
+}
+
+
+@pytest.mark.parametrize(("name", "content"), EMPTY.values(), ids=EMPTY.keys())
+def test_an_empty_file_is_named_as_empty(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"^dataset {tmp_path / name} is empty$"):
+        load_table(str(tmp_path / name), "train")
+
+
+def test_an_empty_eval_dataset_or_file_in_a_folder_is_named_as_empty(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the movie {i}"}) + "\n" for i in range(20)))
+    (tmp_path / "held_out.jsonl").write_bytes(b"")
+    config = WarpConfig(dataset=str(prompts), eval_dataset=str(tmp_path / "held_out.jsonl"), max_new_tokens=4)
+    with pytest.raises(DataError, match=f"^dataset {tmp_path / 'held_out.jsonl'} is empty$"):
+        make_splits(config, [make_tokenizer()], pairs=False)
+    (tmp_path / "folder").mkdir()
+    shutil.copy(prompts, tmp_path / "folder" / "train.jsonl")
+    (tmp_path / "folder" / "more.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=f"^dataset {tmp_path / 'folder'}: {tmp_path / 'folder' / 'more.csv'} is empty"):
+        load_table(str(tmp_path / "folder"), "train")
+
+
+NOT_PARSED = {
+    "a JSONL line": ("r.jsonl", '{"prompt": "a"}\n\n{"prompt": oops}\n{"prompt": "b"}\n',
+                     "^line 3 of {path} is not JSON: Expecting value \\(column 12\\)$"),
+    "a JSONL line with a trailing comma": ("r.jsonl", '{"prompt": "a"},\n',
+                                           "^line 1 of {path} is not JSON: Extra data"),
+    "a JSON array": ("r.json", '[\n  {"prompt": "a"},\n  {"prompt": }\n]\n',
+                     "^{path} is not JSON: Expecting value \\(line 3, column 14\\)$"),
+    "a JSON Lines file named .json": ("r.json", '{"prompt": "a"}\n{"prompt" "b"}\n',
+                                      "^line 2 of {path} is not JSON: Expecting ':' delimiter"),
+    "a CSV row": ("r.csv", "prompt,topic\na,b\nc,d,e\n",
+                  "^dataset {path} cannot be loaded: Error tokenizing data. C error: Expected 2 fields in line 3"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "message"), NOT_PARSED.values(), ids=NOT_PARSED.keys())
+def test_a_file_that_does_not_parse_says_where(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message.format(path=re.escape(str(path)))):
+        load_table(str(path), "train")
+
+
+def test_a_column_name_with_a_byte_order_mark_is_shown_as_it_is(tmp_path):
+    """A CSV saved with a byte-order mark twice (datasets drops the first): the column is '\\ufeffprompt'."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeff\ufeffprompt,topic\n".encode() + b"".join(b"the movie,good\n" for _ in range(10)))
+    with pytest.raises(DataError) as error:
+        make_splits(WarpConfig(dataset=str(path)), [make_tokenizer()], pairs=False)
+    assert str(error.value) == (
+        f"dataset {path} has neither a 'prompt' column (prompts) nor 'text' and 'label' columns (reviews) "
+        "(columns: '\\ufeffprompt', topic); '\\ufeffprompt' starts with a byte-order mark (U+FEFF, which Excel "
+        "writes at the start of a UTF-8 file): save the file as UTF-8 without BOM, or rename the column"
+    )
+    spaced = write_reviews_csv(tmp_path / "spaced.csv", 20)
+    spaced.write_text(spaced.read_text().replace("text,label", " text,label", 1))
+    with pytest.raises(DataError, match=r"has no column 'text' \(columns: ' text', label\); ' text' has spaces"):
+        load_reviews(WarpConfig(dataset=str(spaced)))

@@ -14,6 +14,7 @@ All splits are cut after a seeded shuffle and are disjoint.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from warp_rlhf.algorithm.reinforce import Prompt
 from warp_rlhf.config import EMBEDDED, WarpConfig
 from warp_rlhf.errors import DataError
 from warp_rlhf.stages import assets
-from warp_rlhf.stages.prompts import preference_pairs, prompt_rows, split_pairs, split_prompts
+from warp_rlhf.stages.prompts import missing_column, preference_pairs, prompt_rows, split_pairs, split_prompts
 
 _LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _POSITIVE = {1, "1", "pos", "positive"}
 _NEGATIVE = {0, "0", "neg", "negative"}
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
+_BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 byte-order mark: what an empty text file holds
 
 
 @dataclass
@@ -54,13 +56,19 @@ def clean(text: str) -> str:
 
 def load_table(name: str, split: str):
     """A dataset as a `datasets.Dataset`: 'embedded' (IMDB), a local CSV / JSONL / Parquet file or
-    folder, or a hub name; any failure is one `DataError` naming it and the cause."""
+    folder, or a hub name; any failure is one `DataError` naming it and the cause (an empty file,
+    the line that is not JSON, the parser's own words)."""
+    files = _data_files(Path(name)) if name != EMBEDDED else []
+    empty = next((path for path in files if _blank(path)), None)
+    if empty is not None:
+        raise DataError(f"dataset {name} is empty" if empty == Path(name) else f"dataset {name}: {empty} is empty")
     try:
         return _load_table(name, split)
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; the user needs one line
-        raise DataError(f"dataset {name} cannot be loaded: {_reason(error)}") from None
+        problem = next((problem for path in files if (problem := _json_problem(path))), None)
+        raise DataError(problem or f"dataset {name} cannot be loaded: {_reason(error)}") from None
 
 
 def _load_table(name: str, split: str):
@@ -83,6 +91,45 @@ def _load_table(name: str, split: str):
     return load_dataset(name, split=split)
 
 
+def _data_files(path: Path) -> list[Path]:
+    """The local data files of a dataset path: the file itself, or a folder's files in a known format."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = (p for p in path.rglob("*") if p.suffix.lower() in _LOCAL_FORMATS and p.is_file())
+        return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return []
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (and a byte-order mark): no header, no row."""
+    with path.open("rb") as handle:
+        return all(not chunk.strip(_BLANK) for chunk in iter(lambda: handle.read(1 << 16), b""))
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON Lines file has a line that is not JSON (or a JSON file is not JSON), in words;
+    None for other formats, or when it parses."""
+    if _LOCAL_FORMATS.get(path.suffix.lower()) != "json":
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        json.loads(text)
+        return None  # one JSON document: datasets failed on its shape, which its own message says
+    except UnicodeDecodeError:
+        return None  # `_reason` names the byte
+    except json.JSONDecodeError as whole:
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for number, line in lines:
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                if path.suffix.lower() == ".json" and number == lines[0][0]:  # not JSON Lines: one document
+                    return f"{path} is not JSON: {whole.msg} (line {whole.lineno}, column {whole.colno})"
+                return f"line {number} of {path} is not JSON: {error.msg} (column {error.colno})"
+        return None  # JSON Lines, every line JSON: datasets failed on their shape
+
+
 def _binary(value) -> int:
     if isinstance(value, str):
         value = value.strip().lower()
@@ -98,9 +145,7 @@ def load_reviews(config: WarpConfig, table=None) -> Reviews:
     table = load_table(config.dataset, config.dataset_split) if table is None else table
     for column in (config.text_column, config.label_column):
         if column not in table.column_names:
-            raise DataError(
-                f"dataset {config.dataset} has no column '{column}' (columns: {', '.join(table.column_names)})"
-            )
+            raise missing_column(f"dataset {config.dataset} has no column '{column}'", [column], table.column_names)
     texts, labels, seen = [], [], set()
     for text, label in zip(table[config.text_column], table[config.label_column], strict=True):
         if text is not None and not isinstance(text, str):
@@ -121,16 +166,19 @@ def load_reviews(config: WarpConfig, table=None) -> Reviews:
 
 
 def _reason(error: BaseException) -> str:
-    """The root cause of a loading error, in a few words: `datasets` wraps the real one."""
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        if isinstance(cause, UnicodeDecodeError):
-            break
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, UnicodeDecodeError):
-        return f"it is not UTF-8 text (byte {cause.object[cause.start : cause.start + 1]!r} at offset {cause.start})"
-    text = str(error).strip()
-    reason = text.splitlines()[0] if text else type(error).__name__
+    """The cause of a loading error, in a few words: `datasets` wraps the real one in a generic
+    `DatasetGenerationError`, so the first other error of the chain that says something is it."""
+    from datasets.exceptions import DatasetGenerationError
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    decoding = next((cause for cause in chain if isinstance(cause, UnicodeDecodeError)), None)
+    if decoding is not None:
+        byte = decoding.object[decoding.start : decoding.start + 1]
+        return f"it is not UTF-8 text (byte {byte!r} at offset {decoding.start})"
+    said = [c for c in chain if str(c).strip() and not isinstance(c, DatasetGenerationError)]
+    reason = str(said[0]).strip().splitlines()[0] if said else type(error).__name__
     return "it holds no rows" if "corresponds to no data" in reason else reason
 
 
@@ -222,9 +270,11 @@ def make_splits(config: WarpConfig, tokenizers: list, *, pairs: bool, window: in
         if held_out is not None:
             splits.eval_prompts = held_out[: config.eval_prompts]
     else:
-        raise DataError(
+        raise missing_column(
             f"dataset {config.dataset} has neither a '{config.prompt_column}' column (prompts) nor "
-            f"'{config.text_column}' and '{config.label_column}' columns (reviews) (columns: {', '.join(columns)})"
+            f"'{config.text_column}' and '{config.label_column}' columns (reviews)",
+            [config.prompt_column, config.text_column, config.label_column],
+            columns,
         )
     if pairs and (config.reward_dataset or splits.kind == "prompts"):
         source = table
@@ -262,7 +312,11 @@ def _held_out(config: WarpConfig, tokenizer) -> list[Prompt] | None:
     name = config.eval_dataset or config.dataset
     table = load_table(name, config.eval_split or config.dataset_split)
     if config.prompt_column not in table.column_names:
-        raise DataError(f"eval dataset {name} has no column '{config.prompt_column}' of prompts")
+        raise missing_column(
+            f"eval dataset {name} has no column '{config.prompt_column}' of prompts",
+            [config.prompt_column],
+            table.column_names,
+        )
     return prompt_rows(table, config, tokenizer, name)
 
 

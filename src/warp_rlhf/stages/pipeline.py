@@ -40,7 +40,7 @@ from warp_rlhf.runners import RunJob, make_runner
 from warp_rlhf.stages import assets
 from warp_rlhf.stages.data import Splits, make_splits, read_splits
 from warp_rlhf.stages.evaluate import Judge, Samples, sample_policy, write_results
-from warp_rlhf.stages.models import context_window, load_causal_lm, load_tokenizer, model_config
+from warp_rlhf.stages.models import check_loadable, context_window, load_causal_lm, load_tokenizer, model_config
 from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
 from warp_rlhf.stages.reward import judge_scores, train_reward_model
@@ -60,10 +60,12 @@ def check_models(config: WarpConfig) -> None:
             f"prompt_max_tokens + max_new_tokens = {needed} is out of range: the policy's context window is {window}"
         )
     _check_weights(assets.resolve_policy(config), "policy")
+    check_loadable(assets.resolve_policy(config), "policy", trust_remote_code=config.trust_remote_code)
     if needs_reward_stage(config):
         backbone = model_config(
             assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code
         )
+        check_loadable(assets.resolve_backbone(config), "reward_model", trust_remote_code=config.trust_remote_code)
         heads = [a for a in getattr(backbone, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
         if heads and backbone.num_labels != 1:
             raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")

@@ -23,6 +23,36 @@ from warp_rlhf.errors import DataError
 from warp_rlhf.policy.sampling import adds_bos
 
 
+def shown_columns(columns: list[str]) -> str:
+    """Column names as a message lists them: a plain name as it is, any other (a byte-order mark,
+    spaces around it, a control character) as Python writes it, so that 'prompt' and '\\ufeffprompt'
+    do not look alike."""
+    return ", ".join(name if name.isprintable() and name == name.strip() and name else repr(name) for name in columns)
+
+
+def missing_column(message: str, wanted: list[str], columns: list[str]) -> DataError:
+    """`message` about the missing columns `wanted`, with the columns there are and, for a column
+    that is a wanted one but for a byte-order mark, spaces or case, what sets it apart."""
+    notes = [note for name in columns for want in wanted if (note := _lookalike(name, want))]
+    return DataError(f"{message} (columns: {shown_columns(columns)})" + "".join(f"; {note}" for note in notes))
+
+
+def _lookalike(name: str, wanted: str) -> str | None:
+    """What sets column `name` apart from `wanted` when they look alike, else None."""
+    if name == wanted or name.replace("\ufeff", "").strip().casefold() != wanted.casefold():
+        return None
+    if name.startswith("\ufeff"):
+        return (
+            f"{name!r} starts with a byte-order mark (U+FEFF, which Excel writes at the start of a UTF-8 file): "
+            "save the file as UTF-8 without BOM, or rename the column"
+        )
+    if "\ufeff" in name:
+        return f"{name!r} holds a byte-order mark (U+FEFF): rename it {wanted!r}"
+    if name != name.strip():
+        return f"{name!r} has spaces around it: rename it {wanted!r}"
+    return f"{name!r} differs from {wanted!r} in case: rename it {wanted!r}"
+
+
 def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
 
@@ -101,9 +131,10 @@ def preference_pairs(table, config: WarpConfig, tokenizers: list, name: str) -> 
     """(chosen, rejected) texts from TRL's preference format, as the reward model reads them."""
     missing = [c for c in ("chosen", "rejected") if c not in table.column_names]
     if missing:
-        raise DataError(
-            f"dataset {name} has no column '{missing[0]}': preference pairs need chosen and rejected "
-            f"(columns: {', '.join(table.column_names)})"
+        raise missing_column(
+            f"dataset {name} has no column '{missing[0]}': preference pairs need chosen and rejected",
+            missing,
+            table.column_names,
         )
     explicit = "prompt" in table.column_names
     pairs = []

@@ -9,16 +9,21 @@ Each entry of `reward_funcs` is one of:
 - a sequence-classification model (hub name or folder) used as it is: `MODEL[LABEL]` or
   `MODEL[index]` picks the output that is the reward (a one-output model needs no choice).
 
-r = Σ_k w_k r_k with `reward_weights` (1 each by default). Every reward's values are checked: as
-many as completions, all finite, else one line naming the reward.
+A function may be `async def` (it is awaited, as TRL awaits one). r = Σ_k w_k r_k with
+`reward_weights` (1 each by default). Every reward's values are checked: one number per
+completion, each finite in float32, else one line naming the reward; a function that raises is
+one line naming it and its error (`RewardError`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import math
 import re
+import reprlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,13 +34,19 @@ import torch
 from warp_rlhf.algorithm.reinforce import Prompt, TrainingError
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import OutputDir
-from warp_rlhf.stages.models import model_config
+from warp_rlhf.stages.models import check_loadable, check_safetensors, model_config
 from warp_rlhf.stages.prompts import scored_text
 from warp_rlhf.stages.reward import RewardModel, output_index
 
 TRAINED = "trained"
 _FUNCTION = re.compile(r"^(?P<where>[^\[\]]+\.py|[A-Za-z_][\w.]*):(?P<name>[A-Za-z_]\w*)$")
 _MODEL = re.compile(r"^(?P<model>[^\[\]]+?)(?:\[(?P<output>[^\[\]]+)\])?$")
+_NOT_NUMBERS = (TypeError, ValueError, RuntimeError, OverflowError)  # what `torch.as_tensor` raises on them
+
+
+class RewardError(TrainingError):
+    """A reward cannot be computed: its function raised, or it did not give one finite number per
+    completion. A plain one-line message, so the error pickles (a run's process relays it)."""
 
 
 @dataclass
@@ -54,19 +65,42 @@ class Reward:
         return re.sub(r"\W+", "_", name).strip("_").lower()
 
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
-        values = self.score(prompts, completions)
+        returned = self.score(prompts, completions)
         try:
-            values = torch.as_tensor(values, dtype=torch.float32).flatten()
-        except (TypeError, ValueError, RuntimeError):
-            raise TrainingError(f"reward {self.spec} returned {type(values).__name__}, not a list of numbers") from None
+            values = torch.as_tensor(returned, dtype=torch.float32).flatten()
+        except _NOT_NUMBERS:
+            values = None
+        if values is None or not torch.isfinite(values).all():
+            raise RewardError(f"reward {self.spec} returned {_not_float32(returned)}")
         if values.numel() != len(completions):
-            raise TrainingError(
-                f"reward {self.spec} returned {values.numel()} values for {len(completions)} completions"
-            )
-        if not torch.isfinite(values).all():
-            bad = next(v for v in values.tolist() if not math.isfinite(v))
-            raise TrainingError(f"reward {self.spec} returned a value that is not finite ({bad})")
+            raise RewardError(f"reward {self.spec} returned {values.numel()} values for {len(completions)} completions")
         return values
+
+
+def _not_float32(returned) -> str:
+    """What makes `returned` not one float32 number per completion: the first value that is not a
+    number, is not finite, or is beyond float32's range (a Python float is a float64)."""
+    try:
+        wide = torch.as_tensor(returned, dtype=torch.float64).flatten().tolist()
+    except _NOT_NUMBERS:
+        wide = None
+    largest = torch.finfo(torch.float32).max
+    index, value = next(((i, v) for i, v in enumerate(wide or []) if not abs(v) <= largest), (None, None))
+    if index is None:
+        return _not_numbers(returned)
+    if math.isfinite(value):
+        return f"{value:g} for completion {index + 1}, which overflows float32 (largest {largest:.4g}): scale it down"
+    return f"a value that is not finite ({value}) for completion {index + 1}"
+
+
+def _not_numbers(returned) -> str:
+    """The first value of `returned` that is not a number, or what `returned` is instead of a list."""
+    for index, value in enumerate(returned if isinstance(returned, list | tuple) else []):
+        try:
+            torch.as_tensor(value, dtype=torch.float64)
+        except _NOT_NUMBERS:
+            return f"{reprlib.repr(value)} for completion {index + 1}, not a number"
+    return f"{reprlib.repr(returned)} ({type(returned).__name__}), not a list of numbers"
 
 
 class Rewards:
@@ -117,10 +151,11 @@ def build_reward(spec: str, config, out: Path, policy_tokenizer, device: str = "
         return _model_reward(RewardModel.from_pretrained(OutputDir(out).reward_model, device=device), policy_tokenizer)
     function = _FUNCTION.match(spec)
     if function:
-        return _function_reward(load_function(function["where"], function["name"]))
+        return _function_reward(load_function(function["where"], function["name"]), spec)
     model = _MODEL.match(spec)
     if not model:
         raise ConfigError(f"reward {spec!r} is not a model, MODEL[LABEL], file.py:name or package.module:name")
+    check_safetensors(model["model"], "reward")
     scorer = RewardModel.from_pretrained(
         model["model"], output=model["output"], device=device, trust_remote_code=config.trust_remote_code
     )
@@ -135,13 +170,23 @@ def _model_reward(scorer: RewardModel, policy_tokenizer):
     return score
 
 
-def _function_reward(function: Callable):
+def _function_reward(function: Callable, spec: str):
+    """Call `function` as TRL does (awaited when it is `async def`); an error it raises becomes a
+    one-line `RewardError` naming it, never a traceback."""
+
     def score(prompts: list[Prompt], completions: list[str]):
         conversational = any(p.conversational for p in prompts)
         columns = {name: [p.columns.get(name) for p in prompts] for name in (prompts[0].columns if prompts else {})}
         shown = [p.raw if p.conversational else p.text for p in prompts]
         given = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
-        return function(prompts=shown, completions=given, **columns)
+        try:
+            values = function(prompts=shown, completions=given, **columns)
+            return asyncio.run(values) if inspect.iscoroutine(values) else values
+        except Exception as error:  # the user's code: any error is theirs to fix, in one line
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+            raise RewardError(
+                f"reward function {spec} raised {type(error).__name__}{': ' + reason if reason else ''}"
+            ) from None
 
     return score
 
@@ -175,7 +220,8 @@ def load_function(where: str, name: str) -> Callable:
 
 def check_reward(spec: str, config) -> None:
     """Fail in one line before any work on a reward that cannot be built: a missing file or
-    function, a model that is not there, an output it does not have or a choice it needs."""
+    function, a model that is not there, an output it does not have or a choice it needs, weights
+    that are not safetensors, a tokenizer that reads no text."""
     if spec == TRAINED:
         return
     function = _FUNCTION.match(spec)
@@ -187,3 +233,4 @@ def check_reward(spec: str, config) -> None:
         raise ConfigError(f"reward {spec!r} is not a model, MODEL[LABEL], file.py:name or package.module:name")
     classifier = model_config(model["model"], "reward", trust_remote_code=config.trust_remote_code)
     output_index(classifier, model["output"], f"reward {model['model']}")
+    check_loadable(model["model"], "reward", trust_remote_code=config.trust_remote_code)
