@@ -157,3 +157,15 @@ def cli_error(args: list[str], capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and lines[-1].startswith("warp-rlhf: error: "), lines
     return lines[-1]
+
+
+def share_reward_model(source: Path, target: Path) -> None:
+    """Copy a run's reward model and splits, with warp-rlhf's record that it wrote them, into a new
+    output folder: runs there then differ from `source`'s only in what they are given."""
+    import shutil
+
+    from warp_rlhf.layout import MANIFEST
+
+    for shared in ("reward_model", "data"):
+        shutil.copytree(source / shared, target / shared)
+    shutil.copy(source / MANIFEST, target / MANIFEST)

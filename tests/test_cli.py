@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TRAIN_FLAGS, cli_error, cli_process, same_weights
+from tests.helpers import TRAIN_FLAGS, cli_error, cli_process, same_weights, share_reward_model
 from warp_rlhf.cli import main
 
 
@@ -18,8 +18,7 @@ from warp_rlhf.cli import main
 def reference(tiny_args, tmp_path) -> Path:
     """An uninterrupted WARP run, and a folder `resumed` holding the same reward model and data."""
     assert main(["train", *tiny_args, *TRAIN_FLAGS, "--output_dir", str(tmp_path / "reference")]) == 0
-    for shared in ("reward_model", "data"):
-        shutil.copytree(tmp_path / "reference" / shared, tmp_path / "resumed" / shared)
+    share_reward_model(tmp_path / "reference", tmp_path / "resumed")
     return tmp_path / "reference"
 
 

@@ -86,6 +86,11 @@ def test_prompt_range_order():
         ("- 1\n- 2\n", "must hold a mapping"),
         ("steps: 1.5\n", "not an integer"),
         ("steps: 5\nbeta: 0.1\nsteps: 6\n", "does not parse at line 3: the key 'steps' is given twice"),
+        ("1: 2\n", "does not parse at line 1: the key 1 is not a field name"),
+        ("null: 3\n", "does not parse at line 1: the key null is not a field name"),
+        ("? [a, b]\n: 3\n", "does not parse at line 1: a sequence key is not a field name"),
+        ("learning_rate: abc\n", "learning_rate='abc' is not a number"),
+        ("learning_rate: nan\n", "learning_rate='nan' is not a number"),
     ],
 )
 def test_bad_yaml(tmp_path, text, message):
@@ -177,3 +182,47 @@ def test_every_field_is_a_keyword_field_with_help():
     for f in dataclasses.fields(WarpConfig):
         assert f.metadata.get("help"), f.name
         assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+
+
+@pytest.mark.parametrize("text", ["1e-4", "1E-4", "+1e-4", "0.0001"])
+def test_a_number_yaml_reads_as_text_is_a_number(tmp_path, text):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; the command line takes it, so the file does too."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"learning_rate: {text}\n")
+    assert load_config(path).learning_rate == 1e-4
+
+
+def test_every_field_declares_what_it_affects():
+    """`affects` on every field decides which changed settings a resume refuses: a field without it
+    would silently be taken as harmless."""
+    from warp_rlhf.config import AFFECTS, FIELDS
+
+    for name, f in FIELDS.items():
+        assert "affects" in f.metadata, f"{name} does not declare what it affects"
+        assert isinstance(f.metadata["affects"], tuple) and set(f.metadata["affects"]) <= set(AFFECTS), name
+
+
+def test_the_resume_rules_follow_from_affects():
+    from warp_rlhf.config import RUN_FIELDS
+    from warp_rlhf.stages.output import BASELINE_FIELDS, EVALUATION_FIELDS, FINAL_FIELDS, SPLIT_FIELDS, WARP_RUN_FIELDS
+
+    assert {"dataset", "seed", "max_new_tokens"} <= SPLIT_FIELDS and "learning_rate" not in SPLIT_FIELDS
+    assert {"anchor", "liti_rate", "learning_rate", "reward_funcs", "dataset"} <= WARP_RUN_FIELDS
+    assert not {"baseline_anchor", "iterations", "device", "backend", "front_points"} & WARP_RUN_FIELDS
+    assert {"iterations", "save_adapter"} <= FINAL_FIELDS - WARP_RUN_FIELDS
+    assert {"baseline_anchor", "trajectory_points", "iterations"} <= BASELINE_FIELDS and "anchor" not in BASELINE_FIELDS
+    assert {"temperature", "judge", "reward_weights"} <= EVALUATION_FIELDS and "learning_rate" not in EVALUATION_FIELDS
+    assert {"anchor", "baseline_anchor", "reward_funcs", "lora_r"} <= set(RUN_FIELDS) and "steps" not in RUN_FIELDS
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_a_cuda_device_without_cuda_is_one_line(device, tiny_args, capsys, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, err = run_cli(["train", *tiny_args, "--device", device, "--output_dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"warp-rlhf: error: device={device!r}: this torch has no CUDA device (use cpu or auto)"
+    ]
+    assert not (tmp_path / "x").exists()

@@ -72,7 +72,7 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
 def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
     from warp_rlhf.stages.pipeline import prepare_output, reward_stage
 
-    out = prepare_output(config, overwrite=args.overwrite)
+    out = prepare_output(config, overwrite=args.overwrite, config_file=args.config)
     metrics = reward_stage(config, out)
     if metrics.get("skipped"):
         print(f"no reward model to train: every reward is given (reward_funcs: {', '.join(config.reward_funcs)})")
@@ -89,7 +89,7 @@ def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
 def _train(config: WarpConfig, args: argparse.Namespace) -> int:
     from warp_rlhf.stages.pipeline import prepare_output, train_stage
 
-    out = prepare_output(config, overwrite=args.overwrite)
+    out = prepare_output(config, overwrite=args.overwrite, config_file=args.config)
     final = train_stage(config, out, resume=args.resume)
     what = f"WARP policy θ_slerp^{config.iterations}" if config.method == "warp" else "REINFORCE baseline policy"
     print(f"{what} → {final} (load with AutoModelForCausalLM.from_pretrained)")
@@ -101,7 +101,7 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
 
     if args.overwrite:
         raise ConfigError("evaluate reads what the folder holds: --overwrite would delete it first")
-    out = prepare_output(config, overwrite=args.overwrite)
+    out = prepare_output(config, overwrite=args.overwrite, config_file=args.config)
     results = evaluate_stage(config, out)
     print(results_table(results["policies"]))
     if "matched_kl" in results:
@@ -243,12 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except WarpError as error:
         _fail(str(error) + _kept(out, before, args.command))
     except OSError as error:
-        if error.errno not in {errno.ENOSPC, errno.EDQUOT}:
+        if error.errno not in WRITE_ERRORS:
             raise
-        from warp_rlhf.checkpoint import written_name
-
-        where = f" writing {written_name(error.filename)}" if error.filename else ""
-        _fail(f"no space left on the device{where}" + _kept(out, None, args.command))
+        _fail(_write_error(error) + _kept(out, None, args.command))
     except (KeyboardInterrupt, Terminated) as stop:
         what = "interrupted (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "stopped (SIGTERM)"
         print(f"warp-rlhf: {what} during `{args.command}`{_kept(out, None, args.command)}", file=sys.stderr)
@@ -256,6 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_USAGE
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+"""Errors of the file system (full, read-only, not permitted), not of the program: one line naming
+the file, like any bad input."""
+
+
+def _write_error(error: OSError) -> str:
+    from warp_rlhf.checkpoint import written_name
+
+    path = f" {written_name(error.filename)}" if error.filename else ""
+    if error.errno in {errno.ENOSPC, errno.EDQUOT}:
+        return f"no space left on the device{' writing' + path if path else ''}"
+    return f"cannot access{path or ' a file'}: {error.strerror or error}"
 
 
 def _kept(out: Path | None, before: str | None, command: str) -> str:

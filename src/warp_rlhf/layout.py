@@ -12,6 +12,7 @@
       eval/                        results, completions, plots; eval/policies/<name>.json
       report.md, timings.json
       .warp-rlhf.lock              held by the process working in the folder
+      .warp-rlhf.json              the entries above that warp-rlhf created (`OWNED_ENTRIES`)
 
 It sits at the package's top, not under `stages/`, because the algorithm writes run folders
 and merges and must not import the stages above it.
@@ -25,6 +26,14 @@ from pathlib import Path
 REWARD_METRICS = "metrics.json"
 LOCK_FILE = ".warp-rlhf.lock"
 """Held (`flock`) by the process working in the folder (`stages.output.OutputLock`)."""
+MANIFEST = ".warp-rlhf.json"
+"""The top-level entries warp-rlhf created in the folder: the only ones it may delete or write
+over (`stages.output`)."""
+OWNED_ENTRIES = (
+    "config.yaml", "data", "reward_model", "final", "reinforce", "eval", "report.md", "timings.json", "sweep",
+    "tensorboard", "wandb",
+)  # fmt: skip
+"""The top-level entries a command may write, besides `iter_<i>` (`OutputDir.entries`)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,14 @@ class OutputDir:
     """The paths of one output folder."""
 
     root: Path
+
+    def entries(self, iterations: int) -> list[str]:
+        """The names of every top-level entry a command of `iterations` WARP iterations may write."""
+        return [*OWNED_ENTRIES, *(self.iteration(i).name for i in range(1, iterations + 1))]
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
 
     @property
     def config(self) -> Path:

@@ -2,12 +2,12 @@
 mocks) against backend: local, one run after the other: the same weights, bit for bit."""
 
 import functools
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import share_reward_model
 from warp_rlhf.algorithm.reinforce import RunSpec
 from warp_rlhf.cli import main
 from warp_rlhf.config import WarpConfig
@@ -40,8 +40,7 @@ def _train_local_then(tiny_args, tmp_path, threads: int, name: str, backend_flag
         assert main(["train", *local, *FLAGS]) == 0
     finally:
         torch.set_num_threads(previous)
-    for shared in ("reward_model", "data"):  # compare WARP, not two reward-model trainings
-        shutil.copytree(tmp_path / "local" / shared, tmp_path / name / shared)
+    share_reward_model(tmp_path / "local", tmp_path / name)  # compare WARP, not two reward-model trainings
     other = [*tiny_args, "--output_dir", str(tmp_path / name)]
     assert main(["train", *other, *FLAGS, *backend_flags]) == 0
     for file in COMPARED:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import TRAIN_FLAGS, cli_error, cli_process, same_weights
+from tests.helpers import TRAIN_FLAGS, cli_error, cli_process, same_weights, share_reward_model
 from warp_rlhf.cli import main
 from warp_rlhf.stages.output import OutputLock
 
@@ -63,8 +63,7 @@ def test_a_corrected_setting_after_a_failure_restarts_the_unfinished_run(tiny_ar
     )
     clean = tmp_path / "clean"
     clean.mkdir()
-    for shared in ("reward_model", "data"):
-        shutil.copytree(tmp_path / "run" / shared, clean / shared)
+    share_reward_model(tmp_path / "run", clean)
     assert main(["train", *args, "--output_dir", str(clean)]) == 0
     assert same_weights(tmp_path / "run" / "final" / "model.safetensors", clean / "final" / "model.safetensors")
 
@@ -105,3 +104,76 @@ def test_two_train_processes_on_one_folder(tiny_args, tmp_path):
 def test_evaluate_does_not_take_overwrite(tiny_args, tmp_path, capsys):
     line = cli_error(["evaluate", *tiny_args, "--overwrite"], capsys)
     assert "evaluate reads what the folder holds: --overwrite would delete it first" in line
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_project_folder_holding_the_config_and_data_is_refused(overwrite, tiny_policy, tiny_backbone, reviews_csv,
+                                                                 tmp_path, capsys, monkeypatch):  # fmt: skip
+    """`output_dir: .` in a project holding the user's commented config.yaml and data/: every byte kept."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copy(reviews_csv, project / "data" / "reviews.csv")
+    (project / "config.yaml").write_text(
+        f"# my settings\npolicy: {tiny_policy}\nreward_model: {tiny_backbone}\ndataset: data/reviews.csv\n"
+        "output_dir: .\nreward_train_pairs: 40\nreward_eval_pairs: 20\n"
+    )
+    before = _snapshot(project)
+    monkeypatch.chdir(project)
+    line = cli_error(["reward", "--config", "config.yaml", *overwrite], capsys)
+    assert "output_dir . holds files that are not a warp-rlhf run (config.yaml, data)" in line
+    assert _snapshot(project) == before
+
+
+def test_user_entries_with_warp_rlhfs_names_are_neither_deleted_nor_written_over(tiny_args, tmp_path, capsys):
+    """A folder of data/train.csv, eval/notes.md and report.md is not warp-rlhf's, whatever the names;
+    and in warp-rlhf's own folder, an entry it did not write (report.md before the evaluation) is
+    refused, not written over."""
+    out = tmp_path / "run"
+    for name in ("data/train.csv", "eval/notes.md", "report.md"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"the user's {name}")
+    before = _snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        line = cli_error(["train", *tiny_args, *TRAIN_FLAGS, *extra], capsys)
+        assert "holds files that are not a warp-rlhf run (data, eval, report.md)" in line
+        assert _snapshot(out) == before
+    shutil.rmtree(out)
+    assert main(["reward", *tiny_args, "--reward_epochs", "0.2"]) == 0
+    (out / "report.md").write_text("the user's report")
+    line = cli_error(["reward", *tiny_args, "--reward_epochs", "0.2"], capsys)
+    assert f"output_dir {out} holds report.md, which warp-rlhf did not write and would write over" in line
+    assert (out / "report.md").read_text() == "the user's report"
+
+
+def test_an_output_dir_holding_an_input_is_refused(tiny_args, reviews_csv, tmp_path, capsys):
+    assert main(["reward", *tiny_args, "--reward_epochs", "0.2"]) == 0
+    inside = tmp_path / "run" / "reviews.csv"
+    shutil.copy(reviews_csv, inside)
+    line = cli_error(["reward", *tiny_args, "--dataset", str(inside), "--overwrite"], capsys)
+    assert f"holds dataset {inside}: warp-rlhf could write over or delete it" in line
+    assert inside.exists() and (tmp_path / "run" / "reward_model").exists()
+    config = tmp_path / "run" / "settings.yaml"
+    config.write_text("reward_epochs: 0.2\n")
+    line = cli_error(["reward", *tiny_args, "--config", str(config)], capsys)
+    assert f"holds the config file {config}" in line and config.exists()
+
+
+def test_stale_temporaries_are_removed_and_the_users_are_kept(tiny_args, tmp_path, capsys):
+    """A SIGKILL between a write and its rename leaves `.<name>.tmp-<pid>`: the next command removes
+    those in warp-rlhf's entries, at any depth, and no file of the user's."""
+    out = tmp_path / "run"
+    assert main(["reward", *tiny_args, "--reward_epochs", "0.2"]) == 0
+    stale = [out / "data" / ".splits.json.tmp-999999", out / ".config.yaml.tmp-999999",
+             out / "reward_model" / ".metrics.json.tmp-999999", out / "reward_model" / ".x.old-999999" / "y"]  # fmt: skip
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{")
+    users = out / ".draft.tmp-1"
+    users.write_text("mine")
+    assert main(["reward", *tiny_args, "--reward_epochs", "0.2"]) == 0
+    assert not any(path.exists() for path in stale) and users.read_text() == "mine"
+    assert not (out / "reward_model" / ".x.old-999999").exists()

@@ -1,16 +1,21 @@
-"""Owning an output folder: one process at a time, what a config change means, and what is kept.
+"""Owning an output folder: one process at a time, only what it wrote, what a config change means.
 
 - **A lock** (`OutputLock`): `output_dir/.warp-rlhf.lock`, held with `flock` for the life of a
   command. A second process gets one line naming the holder; a lock left by a killed process is
   free again (the kernel drops a dead process's locks).
+- **Ownership by record, not by name** (`claim`): `output_dir/.warp-rlhf.json` lists the top-level
+  entries warp-rlhf created, recorded before it writes them. Only those are ever deleted
+  (`--overwrite`) or written over; a folder that holds files but no record is another program's and
+  is not taken; an entry the tool would write but did not create (a user's `data/` or `report.md`)
+  is refused, and so is an `output_dir` that holds one of the run's inputs.
 - **Config changes on resume** (`check_compatible`): a field that changes the result of a
   *finished* piece of work (the splits, the reward model, a finished WARP run or merge, the
-  baseline, an evaluated policy) is refused; a field that only affects what is still to come, or
-  where things run (`device`, `backend`), or where the folder lives (`output_dir`), is taken. An
-  unfinished run's checkpoint made with other settings restarts from its init (`reinforce`).
-- **Finished work is never deleted**: `--overwrite` removes warp-rlhf's own entries only, a
-  folder holding other files is not taken, and a failed command removes a folder it created only
-  while no finished work is in it (`finished_work`).
+  baseline, an evaluated policy) is refused; which pieces a field changes is declared on the field
+  itself (`affects`, see `config.AFFECTS`). Fields that only affect what is still to come, or where
+  things run, are taken. An unfinished run's checkpoint made with other settings restarts from its
+  init (`reinforce`).
+- **Finished work is never deleted**: a failed command removes a folder it created only while no
+  finished work is in it (`finished_work`).
 """
 
 from __future__ import annotations
@@ -22,35 +27,33 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from warp_rlhf.checkpoint import read_json
-from warp_rlhf.config import RUN_FIELDS, WarpConfig, config_to_dict, read_yaml
+from warp_rlhf.checkpoint import read_json, write_json
+from warp_rlhf.config import EMBEDDED, WarpConfig, config_to_dict, fields_affecting, read_yaml
 from warp_rlhf.errors import ConfigError
-from warp_rlhf.layout import LOCK_FILE, OutputDir
+from warp_rlhf.layout import LOCK_FILE, MANIFEST, OutputDir
 
-SPLIT_FIELDS = {
-    "policy", "dataset", "dataset_split", "text_column", "label_column", "prompt_column", "eval_dataset",
-    "eval_split", "reward_dataset", "seed", "prompt_min_tokens", "prompt_max_tokens", "reward_train_pairs",
-    "reward_eval_pairs", "rl_prompts", "eval_prompts", "max_new_tokens",
-}  # fmt: skip
+
+def _depends(*pieces: str) -> frozenset[str]:
+    return frozenset(fields_affecting(*pieces))
+
+
+_TRAINED = ("splits", "reward_model", "rewards", "steps")
+SPLIT_FIELDS = _depends("splits")
 """What `data/splits.json` depends on."""
-REWARD_FIELDS = SPLIT_FIELDS | {"reward_model", "reward_epochs", "reward_batch_size", "reward_learning_rate"}
-OPTIMISED_FIELDS = REWARD_FIELDS | {"reward_funcs", "reward_weights"}
-"""What r(x, y), the reward a policy was trained on, depends on."""
-WARP_RUN_FIELDS = (
-    OPTIMISED_FIELDS | set(RUN_FIELDS) | {"steps", "runs", "slerp_lambda", "liti_rate", "merge_method"}
-) - {"baseline_anchor"}
+REWARD_FIELDS = _depends("splits", "reward_model")
+"""What the reward model depends on."""
+WARP_RUN_FIELDS = _depends(*_TRAINED, "warp_steps", "warp")
 """A finished WARP run of iteration i depends on its settings and on θ_init, i.e. on the merges before it."""
-BASELINE_FIELDS = (OPTIMISED_FIELDS | set(RUN_FIELDS) | {"iterations", "runs", "steps", "trajectory_points"}) - {
-    "anchor"
-}
-EVALUATION_FIELDS = OPTIMISED_FIELDS | {"temperature", "judge"}
+FINAL_FIELDS = _depends(*_TRAINED, "warp_steps", "warp", "final")
+BASELINE_FIELDS = _depends(*_TRAINED, "baseline_steps", "baseline")
+EVALUATION_FIELDS = _depends("splits", "reward_model", "rewards", "evaluation")
 
 
-def finished_work(out: Path) -> dict[str, set[str]]:
+def finished_work(out: Path) -> dict[str, frozenset[str]]:
     """The finished pieces of work in `out`, each with the fields its result depends on."""
     paths, found = OutputDir(out), {}
     if paths.splits.exists():
@@ -61,7 +64,7 @@ def finished_work(out: Path) -> dict[str, set[str]]:
     if finished:
         found[f"WARP's finished runs and merges ({finished[0].parent.relative_to(out)}, …)"] = WARP_RUN_FIELDS
     if (paths.final / "config.json").exists():
-        found["the WARP policy (final/)"] = WARP_RUN_FIELDS | {"iterations"}
+        found["the WARP policy (final/)"] = FINAL_FIELDS
     if paths.baseline.done.exists() or paths.baseline.snapshots():
         found["the REINFORCE baseline (reinforce/)"] = BASELINE_FIELDS
     if paths.evaluated_all():
@@ -93,40 +96,124 @@ def check_compatible(config: WarpConfig, out: Path) -> None:
             name = clash[0]
             raise ConfigError(
                 f"{name}: {previous[name]!r} → {current[name]!r} would not match {piece} in {out}, made with "
-                f"{name}={previous[name]!r}; keep the value, or use another output_dir (or --overwrite)"
+                f"{name}={previous[name]!r}; keep the value to continue, or start afresh in another output_dir"
             )
 
 
-OWN = re.compile(r"^(config\.yaml|data|reward_model|iter_\d+|final|reinforce|eval|report\.md|timings\.json|sweep"
-                 r"|tensorboard|wandb|\.warp-rlhf\.lock|\..*\.(tmp|old)-\d+)$")  # fmt: skip
-"""The names warp-rlhf writes at the top of an output folder (`layout.OutputDir`); anything else is
-the user's."""
+# ---- ownership -------------------------------------------------------------------------------
+_TEMPORARY = re.compile(r"^\.(.+)\.(tmp|old)-\d+$")
+"""A name `checkpoint.atomic_file` / `atomic_dir` writes before its rename: `.<name>.tmp-<pid>`."""
+
+
+def owned_entries(out: Path) -> set[str] | None:
+    """The top-level entries warp-rlhf recorded as its own in `out`; None where it never wrote there."""
+    manifest = OutputDir(out).manifest
+    if not manifest.exists():
+        return None
+    try:
+        return set(read_json(manifest)["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{manifest} is unreadable: it records which entries warp-rlhf wrote") from None
+
+
+def _ours(name: str, owned: set[str]) -> bool:
+    temporary = _TEMPORARY.match(name)
+    base = temporary.group(1) if temporary else name
+    return base in owned or base in {LOCK_FILE, MANIFEST}
 
 
 def foreign_entries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if not OWN.match(p.name)) if out.is_dir() else []
+    """The top-level entries of `out` that warp-rlhf did not write: the user's, never touched."""
+    if not out.is_dir():
+        return []
+    owned = owned_entries(out) or set()
+    return sorted(p.name for p in out.iterdir() if not _ours(p.name, owned))
 
 
 def refuse_foreign(out: Path) -> None:
-    """A folder holding files but no warp-rlhf run is another program's: never write into it."""
+    """A folder holding files but no record of warp-rlhf's is another program's: never write into it."""
     foreign = foreign_entries(out)
-    if foreign and not OutputDir(out).config.exists():
+    if foreign and owned_entries(out) is None:
         raise ConfigError(
             f"output_dir {out} holds files that are not a warp-rlhf run ({', '.join(foreign[:3])}"
             f"{', …' if len(foreign) > 3 else ''}): choose a new or empty folder"
         )
 
 
-def claim(config: WarpConfig, out: Path, *, overwrite: bool) -> None:
-    """Make `out` this config's folder: refuse another program's folder, apply `--overwrite` to
-    warp-rlhf's own entries only, check the config against the finished work, save the config."""
+def input_paths(config: WarpConfig) -> list[tuple[str, Path]]:
+    """(field, path) of every input of `config` that is a local file or folder."""
+    found = []
+    for name in ("policy", "reward_model", "dataset", "eval_dataset", "reward_dataset"):
+        value = getattr(config, name)
+        if value not in {None, EMBEDDED} and Path(value).exists():
+            found.append((name, Path(value)))
+    for name, specs in (("reward_funcs", config.reward_funcs), ("judge", [config.judge])):
+        for spec in specs:
+            source = spec.split("[")[0].rsplit(":", 1)[0] if ":" in spec else spec.split("[")[0]
+            if source and Path(source).exists():
+                found.append((name, Path(source)))
+    return found
+
+
+def refuse_inputs_inside(out: Path, inputs: Iterable[tuple[str, Path]], *, overwrite: bool) -> None:
+    """An input inside `out` could be written over or deleted: refuse it, unless it lies in an entry
+    warp-rlhf wrote (a policy of an earlier run) and nothing is to be deleted."""
+    root, owned = out.resolve(), owned_entries(out) or set()
+    for what, path in inputs:
+        inside = Path(path).resolve()
+        if inside != root and root not in inside.parents:
+            continue
+        top = inside.relative_to(root).parts[:1]
+        if overwrite or not top or top[0] not in owned:
+            raise ConfigError(
+                f"output_dir {out} holds {what} {path}: warp-rlhf could write over or delete it; "
+                "choose an output_dir that holds none of the inputs"
+            )
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporaries that killed writers left in warp-rlhf's entries of `out`, at any depth
+    (a file is written to `.<name>.tmp-<pid>`, then renamed; a SIGKILL between the two leaves it).
+    Call it only while holding the lock, before any run process starts: then no live writer owns one."""
+    owned = owned_entries(out) or set()
+    for entry in sorted(out.iterdir()):
+        if _TEMPORARY.match(entry.name) and _ours(entry.name, owned):
+            _remove(entry)
+        elif entry.name in owned and entry.is_dir() and not entry.is_symlink():
+            for parent, folders, files in os.walk(entry):
+                for name in [*folders, *files]:
+                    if _TEMPORARY.match(name):
+                        _remove(Path(parent) / name)
+                folders[:] = [name for name in folders if not _TEMPORARY.match(name)]
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def claim(config: WarpConfig, out: Path, *, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()) -> None:
+    """Make `out` this config's folder (module docstring): refuse another program's folder and one
+    that holds an input, apply `--overwrite` to warp-rlhf's recorded entries only, check the config
+    against the finished work, and record the entries the command may write before it writes them."""
     refuse_foreign(out)
+    refuse_inputs_inside(out, [*input_paths(config), *inputs], overwrite=overwrite)
+    owned = owned_entries(out) or set()
     if overwrite:
         for entry in sorted(out.iterdir()) if out.is_dir() else []:
-            if OWN.match(entry.name) and entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if _ours(entry.name, owned) and entry.name not in {LOCK_FILE, MANIFEST}:
+                _remove(entry)
+        owned = set()
     else:
         check_compatible(config, out)
+    wanted = OutputDir(out).entries(config.iterations)
+    taken = [name for name in wanted if name not in owned and ((out / name).exists() or (out / name).is_symlink())]
+    if taken:
+        raise ConfigError(
+            f"output_dir {out} holds {taken[0]}, which warp-rlhf did not write and would write over: "
+            "move it, or choose another output_dir"
+        )
+    write_json(OutputDir(out).manifest, {"entries": sorted(owned | set(wanted))})
+    remove_stale_temporaries(out)
 
 
 class OutputLock:
@@ -194,6 +281,18 @@ def owned(out: Path) -> Iterator[None]:
             if created and out.is_dir() and not has_progress(out) and not foreign_entries(out):
                 shutil.rmtree(out, ignore_errors=True)
             raise
+        finally:
+            settle(out)
+
+
+def settle(out: Path) -> None:
+    """Keep in the record only the entries that exist: a name `claim` recorded for this command but
+    that it did not write is not warp-rlhf's (a file the user puts there later stays the user's)."""
+    owned = owned_entries(out) if out.is_dir() else None
+    if owned is not None:
+        kept = {name for name in owned if (out / name).exists() or (out / name).is_symlink()}
+        if kept != owned:
+            write_json(OutputDir(out).manifest, {"entries": sorted(kept)})
 
 
 def progress_summary(out: Path) -> str:
