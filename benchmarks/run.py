@@ -17,13 +17,14 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
 - peak resident memory of the training processes against their lower bound (policy + grads +
   Adam states + anchor + init + reward model bytes, per process).
-Each measurement runs in its own processes (one measurement at a time), and writes
-benchmarks/results.json and benchmarks/RESULTS.md. Step times are the median of the measured
-steps (after a warm-up step), for us and for TRL alike: on a shared VM a median is not moved by
-one step that a neighbour slowed down. Runs side by side warm up for two steps and take one more
-after the measured ones (`_steps_taken`), so that every measured step runs beside the other
-runs' measured steps: a process's first step (its memory first touched, 450,000 page faults)
-could otherwise overlap another run's first measured step.
+Each measurement runs in its own processes (one measurement at a time). The figures go to
+benchmarks/results.json, and benchmarks/RESULTS.md is rendered from them through
+benchmarks/RESULTS.template.md (`results_markdown`). Step times are the median of the measured
+steps (`--steps`, after warm-up), for us and for TRL alike: on a shared host a median is not
+moved by one step that a neighbour slowed down. Runs side by side warm up for two steps and take
+one more after the measured ones (`_steps_taken`), so that every measured step runs beside the
+other runs' measured steps: a process's first step, which touches all of its memory for the
+first time (a page fault per page), could otherwise overlap another run's first measured step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from string import Template
 
 from warp_rlhf.runners import side_by_side
 
@@ -50,18 +52,33 @@ RUNS = 2
 PROMPTS = "WARP_BENCH_PROMPTS"
 """The environment variable naming the JSON file of RL prompts that the parent wrote for its
 children (`write_prompts`): the measured processes, like `backend: processes`' run processes,
-get their prompts handed over and never import `datasets` (with pandas and pyarrow, 84 MB of
-resident memory that a WARP run process does not have)."""
+get their prompts handed over and never import `datasets` (nor the pandas and pyarrow it
+imports: resident memory that a WARP run process does not have)."""
+
+CONFIG = "WARP_BENCH_CONFIG"
+"""The environment variable holding a JSON object of config fields that replace the benchmark's
+(`_config`), such as another `policy`, `reward_model` and `dataset`: the tests measure tiny
+models this way. Unset, the benchmark measures the embedded SmolLM2, MiniLM and IMDB reviews."""
+
+TEMPLATE = HERE / "RESULTS.template.md"
+"""RESULTS.md's text, with a `${field}` for each figure (`results_fields`)."""
+
+TARGETS = ("ratio_vs_trl", "mfu", "merge_vs_add", "rss_vs_bound")
+"""The figures that have a target (RESULTS.md's first table)."""
+
+OUR_STEP = ("ours", "lora")
+"""The measurements of our training step: their processes set the allocator as a WARP run's does."""
 
 
 def _config(lora_r: int = 0):
     from warp_rlhf.config import WarpConfig
 
-    return WarpConfig(
+    fields = dict(
         batch_size=BATCH, max_new_tokens=NEW_TOKENS, ema_rate=MU, beta=BETA, learning_rate=LR, device="cpu",
         prompt_min_tokens=4, prompt_max_tokens=MAX_PROMPT_TOKENS, reward_train_pairs=10, reward_eval_pairs=10,
         rl_prompts=256, eval_prompts=10, lora_r=lora_r,
     )  # fmt: skip
+    return WarpConfig(**fields | json.loads(os.environ.get(CONFIG, "{}")))
 
 
 LORA_R = 8
@@ -136,12 +153,9 @@ def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
     """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS.
     `run` m: WARP's run m of the runs side by side (its own seeds); None: one run alone, whose
     matrix products are then also timed alone (`product_seconds`). `lora_r`: LoRA adapters of that
-    rank train instead of every weight."""
+    rank train instead of every weight. Its process has set the allocator first (`_start`)."""
     from warp_rlhf.algorithm.reinforce import Prompt, RunSpec, Trainer
-    from warp_rlhf.cpu import keep_freed_memory
     from warp_rlhf.layout import RunFolder
-
-    keep_freed_memory()  # as the CLI and a run's process do at their start
 
     _, policy_path, tokenizer, texts, reward_model, load_causal_lm = _embedded()
     config, prompts = _config(lora_r), [Prompt(text) for text in texts]
@@ -295,8 +309,8 @@ def measure_trl(steps: int, run: int | None = None) -> dict:
 
 def measure_peak(steps: int = 0, run: None = None) -> dict:
     """fp32 matmul throughput (GFLOP/s): the best of several 2048 x 2048 products, from each of the
-    two GEMM libraries torch has on CPU (MKL's `torch.mm`; oneDNN with a packed weight, which is
-    about 15% faster here), so the peak is what the machine can do, not what one library does.
+    two GEMM libraries torch has on CPU (MKL's `torch.mm`; oneDNN with a packed weight, which the
+    fast paths use), so the peak is what the machine can do, not what one library does.
     """
     import torch
 
@@ -414,42 +428,58 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # … and its torch threads
     args = parser.parse_args()
     if args.only:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        _start(args.only, args.threads)
         print(json.dumps(MEASUREMENTS[args.only](args.steps, args.run)))
         return
     with tempfile.TemporaryDirectory() as folder:
         os.environ[PROMPTS] = str(Path(folder) / "prompts.json")
         write_prompts(Path(os.environ[PROMPTS]))
         results = _measure_all(args.steps)
-    write_results(results)
+    write_results(summarise(results), args.steps)
+
+
+def _start(name: str, threads: int | None) -> None:
+    """The edge of a measured process: its torch threads, and for our step the allocator setting
+    that the CLI and a run's process make at their start."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if name in OUR_STEP:
+        from warp_rlhf.cpu import keep_freed_memory
+
+        keep_freed_memory()
+
+
+PLAN = [("peak", False), ("ours", True), ("ours", False), ("lora", False), ("peak", False), ("trl", True),
+        ("peak", False), ("merge", False)]  # fmt: skip
+"""The measurements in order, each (name, side by side); the peak three times, spread over the run."""
 
 
 def _measure_all(steps: int) -> dict:
     """Each measurement of the plan in its own processes."""
-    results, peaks = {}, []
-    plan = [("peak", _child), ("ours", _side_by_side), ("ours", _child), ("lora", _child), ("peak", _child),
-            ("trl", _side_by_side), ("peak", _child), ("merge", _child)]  # fmt: skip
-    for name, measure in plan:
-        layout = "side by side" if measure is _side_by_side else "alone"
-        print(f"measuring {name} ({layout}) …", file=sys.stderr, flush=True)
-        result = measure(name, steps)
-        if name == "peak":  # the best of three, spread over the run: a slow moment does not lower it
-            peaks.append(result)
-            result = {"fp32_matmul_flops": max(p["fp32_matmul_flops"] for p in peaks), "measured": peaks}
-            results[name] = result
-        elif measure is _side_by_side:  # samples/s add up
-            samples = sum(run["samples_per_second"] for run in result)
-            results[f"{name}_side_by_side"] = {"runs": result, "samples_per_second": samples}
-        else:
-            results[f"{name}_alone" if name in {"ours", "lora"} else name] = result
+    results = {}
+    for name, beside in PLAN:
+        print(f"measuring {name} ({'side by side' if beside else 'alone'}) …", file=sys.stderr, flush=True)
+        record(results, name, _side_by_side(name, steps) if beside else _child(name, steps), beside)
     return results
 
 
-def write_results(results: dict) -> None:
-    """The targets from the measurements, into results.json and RESULTS.md."""
+def record(results: dict, name: str, result: dict | list[dict], beside: bool) -> None:
+    """One measurement into `results`: the peak as the best so far (a slow moment of the machine
+    does not lower it), the runs side by side with their samples/s added, the others as they are."""
+    if name == "peak":
+        peaks = [*results.get("peak", {}).get("measured", []), result]
+        results["peak"] = {"fp32_matmul_flops": max(p["fp32_matmul_flops"] for p in peaks), "measured": peaks}
+    elif beside:
+        samples = sum(run["samples_per_second"] for run in result)
+        results[f"{name}_side_by_side"] = {"runs": result, "samples_per_second": samples}
+    else:
+        results[f"{name}_alone" if name in OUR_STEP else name] = result
+
+
+def summarise(results: dict) -> dict:
+    """The targets and the figures derived from the measurements: what results.json holds."""
     peak = results["peak"]["fp32_matmul_flops"]
     ours, trl, alone = results["ours_side_by_side"], results["trl_side_by_side"], results["ours_alone"]
     runs = ours["runs"]
@@ -469,11 +499,15 @@ def write_results(results: dict) -> None:
         phase: flops / alone["phases"][f"seconds_{phase}"] / peak for phase, flops in alone["flops_per_phase"].items()
     }
     alone["mfu_products_only"] = products_only_mfu(alone, peak)
-    results = {**summary, **lora_figures, "details": results, "command": "python benchmarks/run.py",
-               "torch_threads": _threads(), "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
+    return {**summary, **lora_figures, "details": results, "command": "python benchmarks/run.py",
+            "torch_threads": _threads(), "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
+
+
+def write_results(results: dict, steps: int) -> None:
+    """results.json, and RESULTS.md rendered from it for `steps` measured steps."""
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "RESULTS.md").write_text(results_markdown(results))
-    print(json.dumps(summary, indent=2))
+    (HERE / "RESULTS.md").write_text(results_markdown(results, steps))
+    print(json.dumps({target: results[target] for target in TARGETS}, indent=2))
 
 
 def products_only_mfu(ours: dict, peak: float) -> float:
@@ -491,83 +525,77 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def results_markdown(results: dict) -> str:
-    d = results["details"]
-    gib = 2**30
-    ours, trl, alone = d["ours_side_by_side"], d["trl_side_by_side"], d["ours_alone"]
-    runs = len(ours["runs"])
-    use, products = alone["utilisation_per_phase"], alone["product_seconds"]
-    split = "\n".join(
-        f"| {phase} | {_spread([run['phases'][key] for run in ours['runs']], ' | ')} | {alone['phases'][key]:.2f}"
-        f" | {use.get(phase, 0):.2f} | {_products(products.get(phase))} |"
-        for key in alone["phases"]
-        if (phase := key.removeprefix("seconds_")) != "seconds"
-    )
-    run_columns = " | ".join(f"run {m}" for m in range(1, runs + 1))
+def results_markdown(results: dict, steps: int) -> str:
+    """RESULTS.md: the template with every field filled in (a field the template names and
+    `results_fields` lacks is a KeyError, not a gap in the text)."""
+    return Template(TEMPLATE.read_text()).substitute(results_fields(results, steps))
+
+
+def results_fields(results: dict, steps: int) -> dict[str, str]:
+    """Every `${field}` of the template, as text; `steps`: the measured steps of each run."""
+    targets = {target: f"{results[target]:.2f}" for target in TARGETS}
+    return {**_setup_fields(results, steps), **targets, **_measurement_fields(results),
+            **_split_fields(results["details"])}  # fmt: skip
+
+
+def _setup_fields(results: dict, steps: int) -> dict[str, str]:
+    """What was measured and how: sizes, cores, runs, measured and warm-up steps."""
+    details = results["details"]
+    warmup, taken = _steps_taken(steps, run=1)
+    return {
+        "batch": str(BATCH), "prompt_tokens": str(MAX_PROMPT_TOKENS), "new_tokens": str(NEW_TOKENS),
+        "cores": _count(results["torch_threads"], "core"), "runs": str(len(details["ours_side_by_side"]["runs"])),
+        "side_by_side_threads": _count(results["side_by_side_threads"], "torch thread"),
+        "trl_runs": str(len(details["trl_side_by_side"]["runs"])), "steps": _count(steps, "step"),
+        "warmup_alone": _count(_steps_taken(steps, run=None)[0], "step"), "warmup_side_by_side": _count(warmup, "step"),
+        "after_side_by_side": _count(taken - warmup - steps, "step"),
+    }  # fmt: skip
+
+
+def _measurement_fields(results: dict) -> dict[str, str]:
+    """The second table: each trainer's runs, mfu per step, the run alone, LoRA, peak, merge, memory."""
+    d, gib = results["details"], 2**30
+    ours, trl, alone, lora = d["ours_side_by_side"], d["trl_side_by_side"], d["ours_alone"], d["lora_alone"]
+    memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
     libraries = " / ".join(
         f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
         for name in d["peak"]["measured"][0]["by_library"]
     )
-    alone_step = (
-        f"{alone['seconds_per_step']:.2f} s, {alone['samples_per_second']:.2f} samples/s"
-        f" (each step: {_spread(alone['step_seconds'])} s), mfu {alone['utilisation']['median']:.2f}"
-    )
-    memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
-    lora = d["lora_alone"]
-    lora_step = (
-        f"{lora['seconds_per_step']:.2f} s per step ({results['lora_step_vs_full']:.2f}x the full step), peak RSS "
-        f"{lora['peak_rss_bytes'] / gib:.2f} GiB against {alone['peak_rss_bytes'] / gib:.2f} GiB "
-        f"({results['lora_rss_vs_full']:.2f}x)"
-    )
-    return f"""# Benchmark results
-
-Reproduce: `make bench` (= `.venv/bin/python benchmarks/run.py`), on an otherwise idle machine.
-SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 new tokens, {results["torch_threads"]} cores.
-Our step is WARP's as `backend: processes` takes it (what `make demo` uses): the M = {runs} runs of
-an iteration side by side, each in its own process on {_threads_text(results["side_by_side_threads"])}.
-TRL's RLOOTrainer runs the same way, {len(trl["runs"])} runs side by side. Step times are the median
-of 5 steps after warm-up (one step alone, two side by side; each step is listed: this shared VM
-moves them). mfu is the median over the measured steps of the runs' model FLOPs/s together (step
-i of each run: its FLOPs over its seconds, added) over the peak; the model FLOPs of all measured
-steps over their seconds are listed too. For reference, one run alone on all the cores
-(`backend: local`).
-
-| metric | value | target |
-|---|---|---|
-| ratio_vs_trl (our samples/s ÷ TRL RLOOTrainer's, {runs} runs each) | {results["ratio_vs_trl"]:.2f} | ≥ 1.5 |
-| mfu (model FLOPs/s of the runs ÷ fp32 matmul peak) | {results["mfu"]:.2f} | ≥ 0.6 |
-| merge_vs_add (SLERP of 2 policies ÷ one torch.add pass) | {results["merge_vs_add"]:.2f} | ≤ 2 |
-| rss_vs_bound (run processes' peak RSS ÷ their lower bound) | {results["rss_vs_bound"]:.2f} | ≤ 1.3 |
-
-| measurement | value |
-|---|---|
-{_trainer_rows("our", ours)}
-| our runs together | {ours["samples_per_second"]:.2f} samples/s |
-{_trainer_rows("TRL RLOOTrainer", trl)}
-| TRL runs together | {trl["samples_per_second"]:.2f} samples/s |
-| mfu of each measured step, all runs (how much the host moves it) | {_spread(ours["utilisation"]["per_step"])} |
-| mfu of all measured steps together (their FLOPs over their seconds) | {ours["utilisation"]["all_steps"]:.2f} |
-| one run alone on all the cores | {alone_step} |
-| the same with LoRA (rank {LORA_R}, every linear layer but the output; adapters alone train) | {lora_step} |
-| mfu of the alone run's median step, its phases taking only their matrix products | {alone["mfu_products_only"]:.2f} |
-| fp32 matmul peak (best of: {libraries}) | {d["peak"]["fp32_matmul_flops"] / 1e9:.0f} GFLOP/s |
-| model FLOPs per step (the alone run's median step) | {alone["flops_per_step"] / 1e9:.0f} GFLOP |
-| SLERP merge / torch.add | {d["merge"]["merge_seconds"]:.2f} s / {d["merge"]["add_seconds"]:.2f} s |
-| peak RSS of each run process / lower bound: policy, grads, Adam, anchor, init, reward model | {memory} GiB |
-
-Split of a step (the median step's seconds): each run side by side, and the run alone, with the
-alone run's model FLOPs/s of the phase ÷ the peak (optimizer and EMA: no model FLOPs) and the
-seconds of the phase's matrix products alone at the same shapes (`product_seconds`):
-
-| phase | {run_columns} | alone | alone: FLOPs/s ÷ peak | alone: matrix products alone |
-|---|{"---|" * runs}---|---|---|
-{split}
-
-{(HERE / "NOTES.md").read_text()}"""
+    return {
+        "our_rows": _trainer_rows("our", ours), "our_samples": f"{ours['samples_per_second']:.2f}",
+        "trl_rows": _trainer_rows("TRL RLOOTrainer", trl), "trl_samples": f"{trl['samples_per_second']:.2f}",
+        "mfu_per_step": _spread(ours["utilisation"]["per_step"]),
+        "mfu_all_steps": f"{ours['utilisation']['all_steps']:.2f}",
+        "alone_step": f"{alone['seconds_per_step']:.2f} s, {alone['samples_per_second']:.2f} samples/s"
+                      f" (each step: {_spread(alone['step_seconds'])} s)",
+        "alone_mfu": f"{alone['utilisation']['median']:.2f}", "lora_rank": str(LORA_R),
+        "lora_step": f"{lora['seconds_per_step']:.2f} s per step ({results['lora_step_vs_full']:.2f}x the full step),"
+                     f" peak RSS {lora['peak_rss_bytes'] / gib:.2f} GiB against {alone['peak_rss_bytes'] / gib:.2f} GiB"
+                     f" ({results['lora_rss_vs_full']:.2f}x)",
+        "mfu_products_only": f"{alone['mfu_products_only']:.2f}", "peak_libraries": libraries,
+        "peak": f"{d['peak']['fp32_matmul_flops'] / 1e9:.0f}", "flops_per_step": f"{alone['flops_per_step'] / 1e9:.0f}",
+        "merge_seconds": f"{d['merge']['merge_seconds']:.2f}", "add_seconds": f"{d['merge']['add_seconds']:.2f}",
+        "memory": memory,
+    }  # fmt: skip
 
 
-def _threads_text(threads: int) -> str:
-    return f"{threads} torch thread" + ("s" if threads > 1 else "")
+def _split_fields(details: dict) -> dict[str, str]:
+    """The split of a step: each phase's seconds in each run side by side and alone, the alone
+    run's FLOPs/s of the phase over the peak, and its matrix products timed alone."""
+    ours, alone = details["ours_side_by_side"], details["ours_alone"]
+    use, products = alone["utilisation_per_phase"], alone["product_seconds"]
+    rows = [
+        f"| {phase} | {_spread([run['phases'][key] for run in ours['runs']], ' | ')} | {alone['phases'][key]:.2f}"
+        f" | {use.get(phase, 0):.2f} | {_products(products.get(phase))} |"
+        for key in alone["phases"]
+        if (phase := key.removeprefix("seconds_")) != "seconds"
+    ]
+    columns = [f"run {m}" for m in range(1, len(ours["runs"]) + 1)]
+    return {"run_columns": " | ".join(columns), "run_rules": "---|" * len(columns), "split": "\n".join(rows)}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _trainer_rows(name: str, side_by_side: dict) -> str:

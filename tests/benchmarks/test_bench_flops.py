@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from transformers import AutoModelForSequenceClassification
 
-_spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[2] / "benchmarks" / "run.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from tests.benchmarks import bench
 
 
 def test_phase_flops_by_hand():
