@@ -2,7 +2,7 @@
 
 ℓ = Σ_t log π_θ(y_t | x, y_<t) counts the completion's tokens up to and including the first
 EOS; prompt and padding are excluded. π is the *sampling* distribution softmax(logits / τ), so ℓ
-is the log-probability of what was actually sampled (DESIGN §2).
+is the log-probability of what was actually sampled.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sampling completions: y ~ π_θ(·|x) with temperature τ, top_k = 0, top_p = 1, stopping at EOS
-or after L new tokens (paper Algorithm 1; DESIGN: no greedy decoding, no truncation)."""
+or after L new tokens (paper Algorithm 1): no greedy decoding, no truncation of the distribution."""
 
 from __future__ import annotations
 

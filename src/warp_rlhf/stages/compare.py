@@ -3,7 +3,7 @@
 A curve is a LITI front (a policy interpolated towards the SFT policy) or a trajectory (one run's
 checkpoints): evaluated points of (KL to the SFT policy, reward), each a mean over the same
 held-out prompts. Each curve is interpolated piecewise linearly in KL, never extrapolated, and
-A − B is read at KL values inside both ranges (DESIGN §3).
+A − B is read at KL values inside both ranges.
 
 Two standard errors:
 - from the points' own standard errors (`Point.reward_se`, `Point.kl_se`), propagated through the

@@ -1,4 +1,4 @@
-"""Evaluation on held-out prompts: reward, judge, and KL(π ‖ π_sft) with standard errors (DESIGN §3).
+"""Evaluation on held-out prompts: reward, judge, and KL(π ‖ π_sft) with standard errors.
 
 Every policy is sampled on the same prompts with the same seeds. For each completion y ~ π:
 - k1            = Σ_t [log π(y_t|·) − log π_sft(y_t|·)]                 (unbiased, can be < 0)
