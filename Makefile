@@ -37,3 +37,4 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -c "from warp_rlhf.config import reference_markdown; open('docs/configuration.md', 'w').write(reference_markdown())"
+	$(PY) -c "import json; from warp_rlhf.stages.experiment import claims_table; open('docs/paper-claims/claims.md', 'w').write(claims_table(json.load(open('docs/paper-claims/results.json'))))"

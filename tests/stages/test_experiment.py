@@ -1,14 +1,19 @@
 """`warp-rlhf experiment` end to end on tiny models: every arm trained, every claim compared at
-matched KL, the report written and the claims table put into its document; a second call reuses
-everything."""
+matched KL, the report written into its own folder and nowhere else; a second call reuses
+everything. An experiment file is checked as strictly as a config, before any work."""
 
 import json
+import os
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import same_weights
 from warp_rlhf.cli import main
-from warp_rlhf.stages.experiment import TABLE_BEGIN, TABLE_END, claims_table
+from warp_rlhf.stages.experiment import Experiment, claims_table
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbone, reviews_csv, tmp_path, capsys):
@@ -18,12 +23,13 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
         "eval_prompts": 16, "max_new_tokens": 4, "iterations": 2, "runs": 2, "steps": 2, "batch_size": 4,
         "learning_rate": 1e-2, "reward_epochs": 0.5, "device": "cpu",
     }  # fmt: skip
-    doc = tmp_path / "claims.md"
-    doc.write_text(f"# Claims\n\n{TABLE_BEGIN}\nold\n{TABLE_END}\n\nprose stays\n")
     spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0], "claim_5_runs": 3,
-            "report_dir": str(tmp_path / "report"), "claims_doc": str(doc)}  # fmt: skip
+            "report_dir": str(tmp_path / "report")}  # fmt: skip
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
+    docs = {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")}
     assert main(["experiment", "--config", str(tmp_path / "paper.yaml")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paper.yaml", "report", "runs"]
+    assert {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")} == docs
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     claims = {(c["claim"], c["seed"]) for c in results["claims"]}
     assert claims == {("ema_anchor", 0), ("slerp_vs_lerp", 0), ("warp_vs_reinforce", 0), ("warp_vs_reinforce", 1),
@@ -32,8 +38,7 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
         assert claim["verdict"] in {"holds", "does not hold", "inconclusive"} and len(claim["differences"]) == 3
     for key in ("ema_anchor", "slerp_vs_lerp", "warp_vs_reinforce", "iterations", "more_runs"):
         assert (tmp_path / "report" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
-    text = doc.read_text()
-    assert claims_table(results) in text and "old" not in text and text.endswith("prose stays\n")
+    assert (tmp_path / "report" / "claims.md").read_text() == claims_table(results)
     assert results["policies"]["sft"]["n_prompts"] == 16 and results["budget"]["seeds"] == [0, 1]
     # the extra runs of claim 5 start from the linked runs of seed 0, not retrained
     more, warp = tmp_path / "runs" / "more_runs" / "iter_1", tmp_path / "runs" / "warp_seed0" / "iter_1"
@@ -47,9 +52,51 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
 
 
 def test_an_experiment_without_what_the_claims_need_is_one_line_before_any_work(tmp_path, capsys):
-    from tests.helpers import cli_error
-
     spec = {"config": {"output_dir": str(tmp_path / "runs"), "runs": 1}, "seeds": [0]}
-    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
-    line = cli_error(["experiment", "--config", str(tmp_path / "paper.yaml")], capsys)
-    assert "the claims need iterations >= 2 and runs >= 2" in line and not (tmp_path / "runs").exists()
+    assert "the claims need iterations >= 2 and runs >= 2" in experiment_error(tmp_path, yaml.safe_dump(spec), capsys)
+
+
+def experiment_error(tmp_path, text: str, capsys) -> str:
+    """`warp-rlhf experiment` on a file of `text`: exit code 2, one line on stderr and nothing
+    else, and no folder made; the line."""
+    (tmp_path / "paper.yaml").write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        main(["experiment", "--config", str(tmp_path / "paper.yaml")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("warp-rlhf: error: "), err
+    assert sorted(os.listdir(tmp_path)) == ["paper.yaml"]
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("config: [1, 2]", "config=[1, 2] is not a mapping of config fields"),
+        ("nu: 0.5", "nu=0.5 is not a list of distinct numbers in (0, 1], 1 among them"),
+        ("nu: [0.5]", "nu=[0.5] is not a list"),
+        ("nu: [0.5, 1, 1.0]", "nu=[0.5, 1, 1.0] is not a list of distinct"),
+        ("seeds: 7", "seeds=7 is not a non-empty list of distinct integers >= 0"),
+        ("seeds: [0, true]", "seeds=[0, True] is not"),
+        ("seeds: []", "seeds=[] is not"),
+        ("claim_5_runs: many", "claim_5_runs='many' is not an integer > runs (2)"),
+        ("claim_5_runs: 2", "claim_5_runs=2 is not an integer > runs (2)"),
+        ("report_dir: [a]", "report_dir=['a'] is not a folder (a string)"),
+        ("claims: 3", "unknown key 'claims' (keys: config, seeds, nu, claim_5_runs, report_dir)"),
+        ("1: 2", "key 1"),
+        ("config: {1: 2}", "key 1"),
+        ("config: {liti_rat: 0.5}", "unknown config field 'liti_rat' (did you mean 'liti_rate'?)"),
+        ("config: {liti_rate: high}", "liti_rate='high' is not a number"),
+    ],
+)
+def test_a_wrong_experiment_file_is_one_line_naming_the_key_and_value(tmp_path, capsys, text, named):
+    output = f"config: {{output_dir: {tmp_path / 'runs'}}}\n"
+    spec = text if text.startswith("config") else output + text
+    assert named in experiment_error(tmp_path, spec + "\n", capsys)
+
+
+def test_the_repository_s_experiment_file_loads_and_reports_into_its_own_folder():
+    experiment = Experiment.load(REPO / "experiments" / "paper.yaml")
+    assert experiment.report_dir == Path("docs/paper-claims") and experiment.nu == [0.3333, 0.6667, 1.0]
+    assert [claim.key for claim in experiment.claims()] == [
+        "ema_anchor", "slerp_vs_lerp", "warp_vs_reinforce", "warp_vs_reinforce", "iterations", "more_runs"
+    ]  # fmt: skip

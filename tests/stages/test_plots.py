@@ -1,6 +1,5 @@
 """The reward-vs-KL figure: its axes name what they show, and both curves start at the SFT point."""
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from warp_rlhf.stages.plots import front_figure
@@ -24,7 +23,6 @@ def test_the_y_axis_names_the_metric_and_the_x_axis_the_kl():
     (axes,) = figure.axes
     assert axes.get_ylabel() == "mean reward-model score"  # not a policy's annotation ("step 24")
     assert axes.get_xlabel().startswith("KL(π ‖ π_sft)")
-    plt.close(figure)
 
 
 def test_the_front_and_the_trajectory_start_at_the_sft_point():
@@ -34,4 +32,3 @@ def test_the_front_and_the_trajectory_start_at_the_sft_point():
     trajectory = lines["REINFORCE baseline (trajectory)"]
     assert np.allclose(front.get_xdata(), [0.0, 1.0, 3.0]) and np.allclose(front.get_ydata(), [0.0, 0.5, 1.0])
     assert np.allclose(trajectory.get_xdata(), [0.0, 4.0, 9.0]) and np.allclose(trajectory.get_ydata(), [0, 0.9, 1.5])
-    plt.close(figure)

@@ -10,40 +10,92 @@ standard errors (`compare`), every policy sampled on the same held-out prompts w
 4. `iterations`: the front of iteration I against that of iteration 1;
 5. `more_runs`: SLERP of more runs (M = 1 … `claim_5_runs`) of the same iteration.
 
-Arms, each an output folder under `output_dir` that shares the reward model and data splits of
-`output_dir/shared`: `warp_seed<s>` (WARP and its baseline, `train_seed` s), `reinforce_ema` (the
+Arms (`Arm`), each an output folder under `output_dir` that shares the reward model and data splits
+of `output_dir/shared`: `warp_seed<s>` (WARP and its baseline, `train_seed` s), `reinforce_ema` (the
 baseline with an EMA anchor), `more_runs` (iteration 1 with more runs; the first M are
 `warp_seed<s0>`'s, linked, not retrained). Every piece is reused when done, so an interrupted
-experiment resumes where it stopped. Results go to `report_dir`: results.json, one figure per claim,
-and the claims table (also written into `claims_doc` between its markers).
+experiment resumes where it stopped. Results go to `report_dir` and nowhere else: results.json, one
+figure per claim, and the claims table, claims.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from warp_rlhf.algorithm.baseline import trajectory_files
+from warp_rlhf.algorithm.merge import State, lerp, merge_task_vectors
+from warp_rlhf.algorithm.warp import run_tensors
+from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
+from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field, validate
+from warp_rlhf.errors import ConfigError
+from warp_rlhf.layout import OutputDir
+from warp_rlhf.stages.compare import Point, compare, paired_difference, point_of, verdict
+from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage
+from warp_rlhf.stages.plots import KL_LABEL, save_figure
+from warp_rlhf.stages.report import timed
+from warp_rlhf.stages.sweep import share_data
 
-from warp_rlhf.algorithm.baseline import trajectory_files  # noqa: E402
-from warp_rlhf.algorithm.merge import State, lerp, merge_task_vectors  # noqa: E402
-from warp_rlhf.algorithm.warp import run_tensors  # noqa: E402
-from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text  # noqa: E402
-from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field, validate  # noqa: E402
-from warp_rlhf.errors import ConfigError  # noqa: E402
-from warp_rlhf.layout import OutputDir  # noqa: E402
-from warp_rlhf.stages.compare import Point, compare, paired_difference, point_of, verdict  # noqa: E402
-from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage  # noqa: E402
-from warp_rlhf.stages.plots import KL_LABEL, save_figure  # noqa: E402
-from warp_rlhf.stages.report import timed  # noqa: E402
-from warp_rlhf.stages.sweep import share_data  # noqa: E402
+KEYS = ("config", "seeds", "nu", "claim_5_runs", "report_dir")
+"""What an experiment file may hold."""
 
-TABLE_BEGIN, TABLE_END = "<!-- claims table: written by warp-rlhf experiment -->", "<!-- end of claims table -->"
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One output folder of the experiment and what is trained in it."""
+
+    name: str
+    config: WarpConfig
+    warp: bool = True  # WARP's iterations
+    reinforce: bool = True  # the REINFORCE baseline
+    runs_from: str | None = None  # the arm whose runs of iteration 1 start this one's, linked, not retrained
+
+    @property
+    def out(self) -> OutputDir:
+        return OutputDir(Path(self.config.output_dir))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One policy of a curve: its name, its x (ν on a LITI front, the step on a trajectory), and
+    `weights(θ_sft)`, which builds its weights when it is evaluated."""
+
+    name: str
+    x: float
+    weights: Callable[[State], State]
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """A LITI front or a REINFORCE trajectory; both start at the SFT policy, which is not among
+    `points`."""
+
+    name: str
+    points: tuple[CurvePoint, ...]
+
+    @property
+    def end(self) -> CurvePoint:
+        """ν = 1, or the trajectory's last step."""
+        return self.points[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims, for one seed: curve `a` lies above curve `b` at matched KL."""
+
+    key: str
+    statement: str
+    seed: int
+    a: str
+    b: str
+    label_a: str
+    label_b: str
 
 
 @dataclasses.dataclass
@@ -54,33 +106,24 @@ class Experiment:
     seeds: list[int]  # train_seed of each repetition of claim 3
     nu: list[float]  # the LITI front's points (1 − ν) θ_sft + ν θ, ν > 0
     claim_5_runs: int  # the most runs merged for claim 5
-    report_dir: Path
-    claims_doc: Path | None
+    report_dir: Path  # results.json, the figures and claims.md (default: output_dir/report)
 
     @classmethod
     def load(cls, path: str | Path) -> Experiment:
+        """Read and check an experiment file: a wrong key, type or value is one line, before any work."""
         data = read_yaml(path)
-        known = {"config", "seeds", "nu", "claim_5_runs", "report_dir", "claims_doc"}
-        for key in data:
-            if key not in known:
-                raise ConfigError(f"experiment file {path}: unknown key '{key}' (keys: {', '.join(sorted(known))})")
-        fields = data.get("config") or {}
-        for name in fields:
-            if name not in FIELDS:
-                raise unknown_field(name)
-        config = WarpConfig(**fields)
-        seeds, nu = list(data.get("seeds", [0, 1])), sorted(float(v) for v in data.get("nu", [0.5, 1.0]))
-        if len(seeds) < 1 or not all(0 < v <= 1 for v in nu) or 1.0 not in nu:
-            raise ConfigError(f"experiment file {path}: seeds must be a non-empty list and nu values in (0, 1] with 1")
-        runs = int(data.get("claim_5_runs", config.runs + 2))
-        if config.iterations < 2 or config.runs < 2 or runs <= config.runs:
-            raise ConfigError(
-                f"experiment file {path}: the claims need iterations >= 2 and runs >= 2 (claims 4 and 2), and "
-                f"claim_5_runs ({runs}) above runs ({config.runs})"
-            )
-        doc = data.get("claims_doc")
-        report = Path(data.get("report_dir", "docs/paper-claims"))
-        experiment = cls(config, seeds, nu, runs, report, Path(doc) if doc else None)
+        for key in data:  # strings: `read_yaml` refuses any other key
+            if key not in KEYS:
+                raise ConfigError(f"experiment file {path}: unknown key {key!r} (keys: {', '.join(KEYS)})")
+        config = _config(path, data.get("config", {}))
+        seeds, nu = data.get("seeds", [0, 1]), data.get("nu", [0.5, 1.0])
+        _expect(path, "seeds", seeds, _seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
+        _expect(path, "nu", nu, _nu_ok(nu), "a list of distinct numbers in (0, 1], 1 among them")
+        runs = data.get("claim_5_runs", config.runs + 2)
+        _expect(path, "claim_5_runs", runs, _integer(runs) and runs > config.runs, f"an integer > runs ({config.runs})")
+        report = data.get("report_dir", str(Path(config.output_dir) / "report"))
+        _expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
+        experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report))
         experiment.arms()  # every arm's config is checked now, before any work
         return experiment
 
@@ -88,47 +131,116 @@ class Experiment:
     def root(self) -> OutputDir:
         return OutputDir(Path(self.config.output_dir))
 
-    def arm(self, name: str, **changes: Any) -> WarpConfig:
+    def arm_config(self, name: str, **changes: Any) -> WarpConfig:
+        """The shared setting in the arm's folder `output_dir/<name>`, with `changes`."""
         config = dataclasses.replace(self.config, output_dir=str(self.root.root / name), **changes)
         validate(config)
         return config
 
-    def arms(self) -> dict[str, WarpConfig]:
-        """The arms' configs: `warp_seed<s>` (WARP and its baseline), `reinforce_ema`, `more_runs`."""
+    def arms(self) -> dict[str, Arm]:
+        """`warp_seed<s>` (WARP and its baseline), `reinforce_ema` (the baseline alone), and
+        `more_runs` (WARP's iteration 1 with `claim_5_runs` runs, its first M those of seed s0)."""
         first = self.seeds[0]
-        arms = {f"warp_seed{s}": self.arm(f"warp_seed{s}", train_seed=s) for s in self.seeds}
-        arms["reinforce_ema"] = self.arm("reinforce_ema", train_seed=first, baseline_anchor="ema")
-        arms["more_runs"] = self.arm(
-            "more_runs", train_seed=first, iterations=1, runs=self.claim_5_runs, slerp_lambda=None
+        arms = [Arm(f"warp_seed{s}", self.arm_config(f"warp_seed{s}", train_seed=s)) for s in self.seeds]
+        ema = self.arm_config("reinforce_ema", train_seed=first, baseline_anchor="ema")
+        more = self.arm_config("more_runs", train_seed=first, iterations=1, runs=self.claim_5_runs, slerp_lambda=None)
+        arms += [
+            Arm("reinforce_ema", ema, warp=False),
+            Arm("more_runs", more, reinforce=False, runs_from=f"warp_seed{first}"),
+        ]
+        return {arm.name: arm for arm in arms}
+
+    def claims(self) -> list[Claim]:
+        """Each claim as A above B, in the order of the module docstring; claim 3 once per seed."""
+        first, most = self.seeds[0], self.claim_5_runs
+        return [
+            Claim("ema_anchor", "An EMA anchor gives a better reward–KL trade-off than the SFT anchor.", first,
+                  "reinforce_ema", f"reinforce_seed{first}", "REINFORCE, EMA anchor", "REINFORCE, SFT anchor"),
+            Claim("slerp_vs_lerp", "Merging runs by SLERP of task vectors gives more reward than LERP, at some "
+                  "cost in KL.", first, "iteration_1", "lerp_iteration_1", "SLERP of M runs (front)",
+                  "LERP of the same runs (front)"),
+            *(Claim("warp_vs_reinforce", "WARP's LITI front lies above the REINFORCE trajectory at equal compute.",
+                    s, f"warp_seed{s}", f"reinforce_seed{s}", "WARP LITI front", "REINFORCE trajectory")
+              for s in self.seeds),
+            Claim("iterations", "Each iteration, starting from the previous LITI point, lifts the front.", first,
+                  f"warp_seed{first}", "iteration_1", "front of iteration I", "front of iteration 1"),
+            Claim("more_runs", "Merging more runs M gives a better merged policy.", first, f"runs_{most}", "runs_1",
+                  "SLERP of the most runs (front)", "one run (front)"),
+        ]  # fmt: skip
+
+
+def _expect(path: str | Path, key: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"experiment file {path}: {key}={value!r} is not {expected}")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seeds_ok(seeds: Any) -> bool:
+    return (
+        isinstance(seeds, list)
+        and len(seeds) > 0
+        and all(_integer(s) and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds)
+    )
+
+
+def _nu_ok(nu: Any) -> bool:
+    """Numbers in (0, 1] with 1 among them, distinct as the policies' names write them."""
+    numbers = isinstance(nu, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nu
+    )
+    return numbers and all(0 < v <= 1 for v in nu) and 1 in nu and len({f"{v:g}" for v in nu}) == len(nu)
+
+
+def _config(path: str | Path, fields: Any) -> WarpConfig:
+    """The shared setting: a mapping of config fields, checked as `WarpConfig` checks its own."""
+    _expect(path, "config", fields, isinstance(fields, dict), "a mapping of config fields")
+    for name in fields:
+        if name not in FIELDS:
+            raise unknown_field(name)
+    config = WarpConfig(**fields)
+    if config.iterations < 2 or config.runs < 2:
+        raise ConfigError(
+            f"experiment file {path}: the claims need iterations >= 2 and runs >= 2 (claims 4 and 2), "
+            f"not iterations={config.iterations}, runs={config.runs}"
         )
-        return arms
+    return config
 
 
 def run_experiment(experiment: Experiment) -> dict:
     """Train every arm, evaluate every policy the claims need, compare, write the report."""
-    shared = experiment.arm("shared")
+    shared = experiment.arm_config("shared")
     shared_out = prepare_output(shared)
     reward_stage(shared, shared_out)
     load_splits(shared, shared_out)
-    first, arms = experiment.seeds[0], experiment.arms()
-    for name, config in arms.items():
-        out = prepare_output(config)
-        share_data(shared_out, out)
-        if name == "more_runs":
-            _link_runs(OutputDir(Path(arms[f"warp_seed{first}"].output_dir)), OutputDir(out), experiment.config.runs)
-        if name != "reinforce_ema":
-            train_stage(dataclasses.replace(config, method="warp"), out, resume=True)
-        if name.startswith("warp_seed") or name == "reinforce_ema":
-            train_stage(dataclasses.replace(config, method="reinforce"), out, resume=True)
+    arms = experiment.arms()
+    for arm in arms.values():
+        _train(arm, shared_out, arms)
     curves = _curves(experiment, arms)
     with timed(experiment.root.root, "evaluate"):
         evaluated = evaluate_points(shared, shared_out, lambda sft: _points(curves, sft), experiment.root)
-    arms_and_shared = [OutputDir(Path(c.output_dir)) for c in [experiment.arm("shared"), *arms.values()]]
-    seconds = sum(sum(read_json(arm.timings).values()) for arm in arms_and_shared if arm.timings.exists())
+    folders = [OutputDir(shared_out), *(arm.out for arm in arms.values())]
+    seconds = sum(sum(read_json(folder.timings).values()) for folder in folders if folder.timings.exists())
     seconds += read_json(experiment.root.timings)["evaluate"]
     results = _results(experiment, curves, evaluated, seconds)
     write_report(experiment, results)
     return results
+
+
+def _train(arm: Arm, shared: Path, arms: dict[str, Arm]) -> None:
+    """What `arm` trains, in its folder, from the shared reward model and splits."""
+    out = prepare_output(arm.config)
+    share_data(shared, out)
+    if arm.runs_from is not None:
+        source = arms[arm.runs_from]
+        _link_runs(source.out, arm.out, source.config.runs)
+    if arm.warp:
+        train_stage(dataclasses.replace(arm.config, method="warp"), out, resume=True)
+    if arm.reinforce:
+        train_stage(dataclasses.replace(arm.config, method="reinforce"), out, resume=True)
 
 
 def _link_runs(source: OutputDir, target: OutputDir, runs: int) -> None:
@@ -141,150 +253,121 @@ def _link_runs(source: OutputDir, target: OutputDir, runs: int) -> None:
             link.symlink_to(source.run(1, m).path.resolve(), target_is_directory=True)
 
 
-Weights = Callable[[State], Callable[[], State]]
-"""Given θ_sft, a function that builds a policy's weights when it is evaluated."""
+def _interpolated(theta: Callable[[], State], nu: float, sft: State) -> State:
+    """(1 − ν) θ_sft + ν θ: the point ν of θ's LITI front (the paper's Eq. 4 with θ_init = θ_sft)."""
+    weights = theta()
+    return {k: lerp(sft[k], weights[k], nu) for k in sft}
 
 
-def _front(name: str, weights: Callable[[], State], nu: list[float]) -> list[tuple[str, float, Weights]]:
-    """The LITI front (1 − ν) θ_sft + ν θ of a policy θ: (name, ν, weights) for each ν > 0."""
-
-    def at(v: float) -> Weights:
-        def build(sft: State) -> Callable[[], State]:
-            def weights_at() -> State:
-                theta = weights()
-                return {k: lerp(sft[k], theta[k], v) for k in sft}
-
-            return weights_at
-
-        return build
-
-    return [(f"{name}_nu{v:g}", v, at(v)) for v in nu]
+def _from_file(path: Path, sft: State) -> State:
+    return load_tensors(path)
 
 
-def _file(path: Path) -> Weights:
-    return lambda sft: lambda: load_tensors(path)
-
-
-def _merge(folder: OutputDir, runs: int, method: str, weight: float | None) -> Callable[[], State]:
+def _merge(folder: OutputDir, runs: int, method: str, weight: float | None) -> State:
     """θ_init + SLERP (or LERP) of iteration 1's first `runs` runs of `folder`, with λ `weight`."""
-
-    def weights() -> State:
-        load = run_tensors([folder.run(1, m) for m in range(1, runs + 1)])
-        return merge_task_vectors(load_tensors(folder.init(1)), load, runs, weight, method)
-
-    return weights
+    load = run_tensors([folder.run(1, m) for m in range(1, runs + 1)])
+    return merge_task_vectors(load_tensors(folder.init(1)), load, runs, weight, method)
 
 
-def _curves(experiment: Experiment, arms: dict[str, WarpConfig]) -> dict[str, list[tuple[str, float, Weights]]]:
-    """Every curve the claims compare: name → its points (name, x, weights); x is ν on a front and
-    the step on a trajectory. Each starts at the SFT policy."""
+def _front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
+    """The LITI front of the policy `theta()`, one point `<name>_nu<ν>` per ν."""
+    return Curve(name, tuple(CurvePoint(f"{name}_nu{v:g}", v, functools.partial(_interpolated, theta, v)) for v in nu))
+
+
+def _trajectory(name: str, arm: Arm) -> Curve:
+    """The REINFORCE baseline of `arm`, one point `<name>_step<k>` per evaluated checkpoint."""
+    files = trajectory_files(arm.config, arm.out.baseline)
+    return Curve(name, tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p)) for k, p in files))
+
+
+def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
+    """Every curve the claims compare, by name."""
     nu, first = experiment.nu, experiment.seeds[0]
-    curves: dict[str, list[tuple[str, float, Weights]]] = {}
+    curves = []
     for s in experiment.seeds:
-        config = arms[f"warp_seed{s}"]
-        out = OutputDir(Path(config.output_dir))
-        final = out.slerp(config.iterations)
-        curves[f"warp_seed{s}"] = _front(f"warp_seed{s}", lambda p=final: load_tensors(p), nu)
-        curves[f"reinforce_seed{s}"] = [
-            (f"reinforce_seed{s}_step{k}", k, _file(path)) for k, path in trajectory_files(config, out.baseline)
-        ]
-    out = OutputDir(Path(arms[f"warp_seed{first}"].output_dir))
-    curves["iteration_1"] = _front("iteration_1", lambda: load_tensors(out.slerp(1)), nu)
+        arm = arms[f"warp_seed{s}"]
+        final = functools.partial(load_tensors, arm.out.slerp(arm.config.iterations))
+        curves += [_front(f"warp_seed{s}", final, nu), _trajectory(f"reinforce_seed{s}", arm)]
+    out, runs = arms[f"warp_seed{first}"].out, experiment.config.runs
     weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with
-    curves["lerp_iteration_1"] = _front("lerp_iteration_1", _merge(out, experiment.config.runs, "lerp", weight), nu)
-    ema = arms["reinforce_ema"]
-    ema_out = OutputDir(Path(ema.output_dir))
-    curves["reinforce_ema"] = [
-        (f"reinforce_ema_step{k}", k, _file(path)) for k, path in trajectory_files(ema, ema_out.baseline)
+    curves += [
+        _front("iteration_1", functools.partial(load_tensors, out.slerp(1)), nu),
+        _front("lerp_iteration_1", functools.partial(_merge, out, runs, "lerp", weight), nu),
+        _trajectory("reinforce_ema", arms["reinforce_ema"]),
     ]
-    more = OutputDir(Path(arms["more_runs"].output_dir))
-    for m in range(1, experiment.claim_5_runs + 1):
-        if m != experiment.config.runs:  # M = runs is iteration_1 itself
-            curves[f"runs_{m}"] = _front(f"runs_{m}", _merge(more, m, "slerp", None), nu)
-    return curves
+    more = arms["more_runs"].out
+    curves += [
+        _front(f"runs_{m}", functools.partial(_merge, more, m, "slerp", None), nu)
+        for m in range(1, experiment.claim_5_runs + 1)
+        if m != runs  # M = runs is iteration_1 itself
+    ]
+    return {curve.name: curve for curve in curves}
 
 
-def _points(curves: dict, sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
+def _points(curves: dict[str, Curve], sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
+    """What `evaluate_points` samples: the SFT policy, then every curve's points."""
     points = [("sft", {"kind": "sft"}, lambda: sft)]
-    for curve, members in curves.items():
-        points += [(name, {"kind": "experiment", "curve": curve, "x": x}, build(sft)) for name, x, build in members]
+    for curve in curves.values():
+        points += [
+            (p.name, {"kind": "experiment", "curve": curve.name, "x": p.x}, functools.partial(p.weights, sft))
+            for p in curve.points
+        ]
     return points
 
 
-CLAIMS = [
-    ("ema_anchor", "An EMA anchor gives a better reward–KL trade-off than the SFT anchor.",
-     "reinforce_ema", "reinforce_seed{first}", "REINFORCE, EMA anchor", "REINFORCE, SFT anchor"),
-    ("slerp_vs_lerp", "Merging runs by SLERP of task vectors gives more reward than LERP, at some cost in KL.",
-     "iteration_1", "lerp_iteration_1", "SLERP of M runs (front)", "LERP of the same runs (front)"),
-    ("warp_vs_reinforce", "WARP's LITI front lies above the REINFORCE trajectory at equal compute.",
-     "warp_seed{seed}", "reinforce_seed{seed}", "WARP LITI front", "REINFORCE trajectory"),
-    ("iterations", "Each iteration, starting from the previous LITI point, lifts the front.",
-     "warp_seed{first}", "iteration_1", "front of iteration I", "front of iteration 1"),
-    ("more_runs", "Merging more runs M gives a better merged policy.",
-     "runs_{most}", "runs_1", "SLERP of the most runs (front)", "one run (front)"),
-]  # fmt: skip
-"""(key, the paper's claim, curve A, curve B, labels): each claim says A lies above B."""
-
-
-def _results(experiment: Experiment, curves: dict, evaluated: dict, seconds: float) -> dict:
+def _answer(claim: Claim, curves: dict[str, Curve], evaluated: dict) -> dict:
+    """A claim's record in results.json: A − B at matched KL and its verdict, and A − B between
+    the curves' ends, paired over prompts (reward, and KL in nats)."""
+    a, b = curves[claim.a], curves[claim.b]
     sft = point_of(evaluated["sft"][1])
 
-    def curve(name: str) -> list[Point]:
-        return [sft] + [point_of(evaluated[member][1]) for member, _, _ in curves[name]]
+    def points(curve: Curve) -> list[Point]:
+        return [sft] + [point_of(evaluated[p.name][1]) for p in curve.points]
 
-    first, most = experiment.seeds[0], experiment.claim_5_runs
-    claims = []
-    for key, statement, a, b, label_a, label_b in CLAIMS:
-        seeds = experiment.seeds if key == "warp_vs_reinforce" else [first]
-        for seed in seeds:
-            pair = [c.format(first=first, seed=seed, most=most) for c in (a, b)]
-            differences = compare(curve(pair[0]), curve(pair[1]))
-            ends = [evaluated[curves[name][-1][0]][1] for name in pair]  # ν = 1, or the trajectory's last step
-            (reward, reward_se), (kl, kl_se) = (
-                paired_difference(*(getattr(s, m) for s in ends)) for m in ("reward", "kl_exact")
-            )
-            claims.append({
-                "endpoints": {"a": curves[pair[0]][-1][0], "b": curves[pair[1]][-1][0], "reward_difference": reward,
-                              "reward_se": reward_se, "kl_difference": kl, "kl_se": kl_se},
-                "claim": key, "statement": statement, "seed": seed, "a": pair[0], "b": pair[1],
-                "label_a": label_a, "label_b": label_b, "verdict": verdict(differences),
-                "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
-            })  # fmt: skip
+    differences = compare(points(a), points(b))
+    ends = [evaluated[curve.end.name][1] for curve in (a, b)]
+    (reward, reward_se), (kl, kl_se) = (
+        paired_difference(*(getattr(s, m) for s in ends)) for m in ("reward", "kl_exact")
+    )
+    return {
+        "claim": claim.key, "statement": claim.statement, "seed": claim.seed, "a": claim.a, "b": claim.b,
+        "label_a": claim.label_a, "label_b": claim.label_b, "verdict": verdict(differences),
+        "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
+        "endpoints": {"a": a.end.name, "b": b.end.name, "reward_difference": reward, "reward_se": reward_se,
+                      "kl_difference": kl, "kl_se": kl_se},
+    }  # fmt: skip
+
+
+def _results(experiment: Experiment, curves: dict[str, Curve], evaluated: dict, seconds: float) -> dict:
+    """results.json: the budget, every claim's answer, every policy's summary, every curve's points."""
     policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
     config = experiment.config
     budget = {
         "iterations": config.iterations, "runs": config.runs, "steps": config.steps, "batch_size": config.batch_size,
         "learning_rate": config.learning_rate, "eval_prompts": len(evaluated["sft"][1].prompts),
-        "seeds": experiment.seeds, "claim_5_runs": most, "nu": experiment.nu, "seconds": round(seconds),
+        "seeds": experiment.seeds, "claim_5_runs": experiment.claim_5_runs, "nu": experiment.nu,
+        "seconds": round(seconds),
     }  # fmt: skip
     return {
         "budget": budget,
-        "claims": claims,
+        "claims": [_answer(claim, curves, evaluated) for claim in experiment.claims()],
         "policies": policies,
-        "curves": {n: [m[0] for m in c] for n, c in curves.items()},
+        "curves": {name: [p.name for p in curve.points] for name, curve in curves.items()},
     }
 
 
 def write_report(experiment: Experiment, results: dict) -> None:
-    """results.json, a figure per claim, the claims table (into `claims_doc` between its markers)."""
+    """Into `report_dir`: results.json, a figure per claim, and the claims table, claims.md."""
     folder = experiment.report_dir
     write_json(folder / "results.json", results)
-    for key, *_ in CLAIMS:
-        _figure(results, key, folder / f"{key}.png")
-    table = claims_table(results)
-    write_text(folder / "claims.md", table)
-    if experiment.claims_doc is not None and experiment.claims_doc.exists():
-        text = experiment.claims_doc.read_text()
-        if TABLE_BEGIN in text and TABLE_END in text:
-            head, rest = text.split(TABLE_BEGIN, 1)
-            write_text(
-                experiment.claims_doc, head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1]
-            )
+    for key in dict.fromkeys(claim["claim"] for claim in results["claims"]):
+        save_figure(claim_figure(results, key), folder / f"{key}.png")
+    write_text(folder / "claims.md", claims_table(results))
 
 
 def claims_table(results: dict) -> str:
-    """One row per claim (and seed): A − B at each matched KL, ± s.e., the verdict, and A − B
-    between the curves' last points (paired over prompts: reward, and KL in nats)."""
+    """One row per claim (and seed) of a results file: A − B at each matched KL, ± s.e., the
+    verdict, and A − B between the curves' last points (paired over prompts: reward, and KL in nats)."""
     lines = [
         "| claim | seed | A − B at matched KL (nats): reward difference ± s.e. | verdict "
         "| A − B at their ends: reward; KL |",
@@ -299,10 +382,11 @@ def claims_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(results: dict, key: str, path: Path) -> None:
+def claim_figure(results: dict, key: str) -> Figure:
     """Reward against KL with error bars for the curves a claim compares (every seed's)."""
     policies, curves = results["policies"], results["curves"]
-    figure, axes = plt.subplots(figsize=(6.4, 4.6))
+    figure = Figure(figsize=(6.4, 4.6))
+    axes = figure.subplots()
     sft = policies["sft"]
     drawn = set()
     for claim in (c for c in results["claims"] if c["claim"] == key):
@@ -321,4 +405,4 @@ def _figure(results: dict, key: str, path: Path) -> None:
     axes.set_title(key.replace("_", " "))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    save_figure(figure, path)
+    return figure

@@ -1,18 +1,19 @@
 """Figures: reward and judge against KL to the SFT policy (like the paper's Fig. 1), and
-per-run training curves. KL on the x-axis is the exact-per-token estimator, in nats."""
+per-run training curves. KL on the x-axis is the exact-per-token estimator, in nats.
+
+Every figure is a `matplotlib.figure.Figure` drawn and saved on its own, never through pyplot:
+importing warp_rlhf chooses no backend and leaves a notebook's plotting as it was.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from warp_rlhf.checkpoint import atomic_file  # noqa: E402
-from warp_rlhf.layout import OutputDir  # noqa: E402
+from warp_rlhf.checkpoint import atomic_file
+from warp_rlhf.layout import OutputDir
 
 
 def reward_metrics(policies: dict) -> list[str]:
@@ -32,10 +33,10 @@ def cell(row: dict, metric: str) -> str:
     return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
 
 
-def save_figure(figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
+    """`path` as a PNG at 120 dpi, written atomically."""
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
 
 
 def _points(policies: dict, kind: str, metric: str) -> tuple[list, list, list, list, list]:
@@ -49,12 +50,13 @@ def _points(policies: dict, kind: str, metric: str) -> tuple[list, list, list, l
     )
 
 
-def front_figure(policies: dict, metric: str, label: str):
+def front_figure(policies: dict, metric: str, label: str) -> Figure:
     """`metric` against KL(π ‖ π_sft): SFT, the WARP LITI front, WARP iterations, the baseline.
 
     The LITI front and the baseline's trajectory both start at the SFT point (ν = 0, step 0).
     """
-    figure, axes = plt.subplots(figsize=(6.4, 4.6))
+    figure = Figure(figsize=(6.4, 4.6))
+    axes = figure.subplots()
     styles = {
         "liti": dict(fmt="-o", color="tab:red", label="WARP LITI front (1−ν)θ_sft + νθ_slerp"),
         "iteration": dict(fmt="s", color="tab:orange", label="WARP θ_slerp per iteration"),
@@ -90,7 +92,8 @@ def plot_training_curves(out: Path, path: Path) -> None:
     logs = [run.metrics for run in [*paths.runs(), paths.baseline] if run.metrics.exists()]
     if not logs:
         return
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    figure = Figure(figsize=(6.4, 6.4))
+    top, bottom = figure.subplots(2, 1, sharex=True)
     for log in logs:
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         name = "REINFORCE baseline" if log.parent.name == "reinforce" else f"{log.parent.parent.name} {log.parent.name}"
