@@ -155,6 +155,7 @@ def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
     matrix products are then also timed alone (`product_seconds`). `lora_r`: LoRA adapters of that
     rank train instead of every weight. Its process has set the allocator first (`_start`)."""
     from warp_rlhf.algorithm.reinforce import Prompt, RunSpec, Trainer
+    from warp_rlhf.algorithm.run_loop import train_run
     from warp_rlhf.layout import RunFolder
 
     _, policy_path, tokenizer, texts, reward_model, load_causal_lm = _embedded()
@@ -173,7 +174,7 @@ def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         warmup, taken = _steps_taken(steps, run)
         spec = RunSpec(1, run or 1, RunFolder(Path(folder)), MU)
-        trainer.run(spec, None, taken)  # the real code path, checkpoints included
+        train_run(trainer, spec, None, taken)  # the real code path, checkpoints included
         rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     n_params = sum(p.numel() for p in policy.parameters())
     output_weights = policy.get_output_embeddings().weight.numel()

@@ -83,6 +83,7 @@ def test_a_tokenizer_without_pad_token_gets_its_eos(tmp_path):
 def test_non_finite_policy_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_policy, tmp_path):
     from tests.helpers import PROMPTS, good_fraction, tiny_config
     from warp_rlhf.algorithm.reinforce import RunSpec, Trainer, TrainingError
+    from warp_rlhf.algorithm.run_loop import train_run
     from warp_rlhf.layout import RunFolder
     from warp_rlhf.stages.models import load_causal_lm
 
@@ -100,7 +101,7 @@ def test_non_finite_policy_stops_with_a_clear_message_and_keeps_the_checkpoint(t
     trainer = Trainer(config, policy, make_tokenizer(), poisoned, PROMPTS)
     folder = RunFolder(tmp_path / "iter_1" / "run_1")
     with pytest.raises(TrainingError, match="iter 1 run 1 step 3: the loss is not finite"):
-        trainer.run(RunSpec(1, 1, folder, config.ema_rate), None, config.steps)
+        train_run(trainer, RunSpec(1, 1, folder, config.ema_rate), None, config.steps)
     assert (folder.checkpoint / "state.json").exists()
 
 

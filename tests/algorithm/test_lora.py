@@ -45,7 +45,7 @@ def test_a_steps_merged_weights_are_the_full_weights_with_the_same_delta(tiny_po
     trainer = Trainer(lora_config(tmp_path), load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
     spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), 0.1)
     optimizer, scheduler = new_optimizer(trainer.policy, trainer.config)
-    trainer._restore(spec, None, optimizer, scheduler, 3)
+    trainer.start(spec, None)
     trainer.step(spec, 0, optimizer, scheduler)
     merged = trainer.weights()
     for name, expected in by_hand(trainer).items():
@@ -59,13 +59,41 @@ def test_a_steps_merged_weights_are_the_full_weights_with_the_same_delta(tiny_po
         assert torch.allclose(plain(ids).logits, trainer.policy(ids).logits, atol=1e-5)
 
 
+class CapturedGradients:
+    """Optimiser stand-in that keeps the adapters' gradients and changes nothing."""
+
+    def __init__(self, model):
+        self.model, self.param_groups, self.grads = model, [{"lr": 0.0}], {}
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_micro_batches_give_a_lora_step_the_gradient_of_the_whole_batch(tiny_policy, tmp_path):
+    grads = []
+    for accumulation in (1, 2):
+        config = lora_config(tmp_path, grad_accumulation_steps=accumulation, baseline="loo")
+        trainer = Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
+        spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), 0.1)
+        trainer.start(spec, None)
+        optimizer = CapturedGradients(trainer.policy)
+        trainer.step(spec, 0, optimizer, NoSchedule())
+        grads.append(optimizer.grads)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
 def test_the_anchor_is_the_ema_of_the_merged_weights(tiny_policy, tmp_path):
     """θ_ema ← (1 − μ) θ_ema + μ W' after every step, on W' = W + (α/r)·B·A: by hand over three steps."""
     mu = 0.3
     trainer = Trainer(lora_config(tmp_path), load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
     spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), mu)
     optimizer, scheduler = new_optimizer(trainer.policy, trainer.config)
-    trainer._restore(spec, None, optimizer, scheduler, 3)
+    trainer.start(spec, None)
     expected = {name: trainer.anchor_state[name].clone() for name in by_hand(trainer)}
     for step in range(3):
         trainer.step(spec, step, optimizer, NoSchedule())

@@ -23,6 +23,7 @@ from warp_rlhf.algorithm.reinforce import (
     new_optimizer,
     prompt_batch,
 )
+from warp_rlhf.algorithm.run_loop import train_run
 from warp_rlhf.layout import RunFolder
 from warp_rlhf.stages.models import load_causal_lm
 
@@ -81,7 +82,7 @@ def test_one_step_is_reinforce_with_kl_reward_and_moves_the_ema_anchor(tiny_poli
     metrics = trainer.step(spec, 0, optimizer, NoSchedule())
     for name, grad in expected_grads.items():
         assert torch.allclose(optimizer.grads[name], grad, atol=1e-6), name
-    assert abs(metrics["kl_to_anchor"] - (logp.detach() - logp_ema).mean().item()) < 1e-5
+    assert abs(metrics.kl_to_anchor - (logp.detach() - logp_ema).mean().item()) < 1e-5
     # EMA after the optimiser step: θ_ema ← (1 − μ) θ_ema + μ θ.
     for name, anchor in trainer.anchor_state.items():
         expected = 0.75 * anchor_before[name] + 0.25 * trainer.policy_state[name]
@@ -103,7 +104,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny_policy, tmp_path, base
         for name, grad in grads[0].items():
             assert torch.allclose(other[name], grad, atol=1e-6), name
         for key in ("loss", "kl_to_anchor", "reward_beta_mean", "entropy"):
-            assert other_metrics[key] == pytest.approx(metrics[0][key], abs=1e-5), key
+            assert getattr(other_metrics, key) == pytest.approx(getattr(metrics[0], key), abs=1e-5), key
 
 
 def test_non_finite_reward_stops_with_a_clear_message(tiny_policy, tmp_path):
@@ -151,16 +152,45 @@ def test_a_checkpoint_past_the_runs_end_restarts_it_rather_than_save_a_longer_ru
     folder = RunFolder(tmp_path / "cut")
     policy = load_causal_lm(str(tiny_policy))
     with pytest.raises(Stop):
-        Trainer(config, policy, make_tokenizer(), good_fraction, PROMPTS, log_step=stop_at_3).run(
-            RunSpec(1, 1, folder, 0.1), None, 4
-        )
+        trainer = Trainer(config, policy, make_tokenizer(), good_fraction, PROMPTS, log_step=stop_at_3)
+        train_run(trainer, RunSpec(1, 1, folder, 0.1), None, 4)
     assert (folder.checkpoint / "state.json").exists()
-    Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS).run(
-        RunSpec(1, 1, folder, 0.1), None, 1
-    )
+    train_run(Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS),
+              RunSpec(1, 1, folder, 0.1), None, 1)  # fmt: skip
     clean = RunFolder(tmp_path / "clean")
-    Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS).run(
-        RunSpec(1, 1, clean, 0.1), None, 1
-    )
+    train_run(Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS),
+              RunSpec(1, 1, clean, 0.1), None, 1)  # fmt: skip
     assert same_weights(folder.policy, clean.policy)
     assert (tmp_path / "cut" / "checkpoint.previous" / "state.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"baseline": "loo", "grad_accumulation_steps": 2}, {"lora_r": 2, "lora_dropout": 0.5}]
+)
+def test_a_step_leaves_the_global_rng_as_it_was(tiny_policy, tmp_path, overrides):
+    """Sampling and LoRA's dropout draw from the step's own generator, never from the caller's RNG."""
+    if "lora_r" in overrides:
+        pytest.importorskip("peft", reason="LoRA needs the [lora] extra, which `make test` installs")
+    config = tiny_config(tmp_path, **overrides)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    trainer = Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS)
+    spec = RunSpec(1, 1, RunFolder(tmp_path), 0.1)
+    optimizer, scheduler = new_optimizer(trainer.policy, config)
+    trainer.start(spec, None)
+    trainer.step(spec, 0, optimizer, scheduler)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_each_step_writes_the_same_metrics_line(tiny_policy, tmp_path):
+    import json
+
+    config = tiny_config(tmp_path)
+    folder = RunFolder(tmp_path / "run")
+    train_run(Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS),
+              RunSpec(1, 1, folder, 0.1), None, 2)  # fmt: skip
+    keys = ["step", "reward_mean", "reward_std", "kl_to_anchor", "reward_beta_mean", "loss", "grad_norm", "entropy",
+            "completion_length", "learning_rate", "tokens", "completion_tokens", "seconds", "seconds_generate",
+            "seconds_reward", "seconds_anchor", "seconds_policy", "seconds_optimizer", "seconds_ema"]  # fmt: skip
+    rows = [json.loads(line) for line in folder.metrics.read_text().splitlines()]
+    assert [list(row) for row in rows] == [keys, keys] and [row["step"] for row in rows] == [1, 2]

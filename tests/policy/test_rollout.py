@@ -179,3 +179,28 @@ def test_a_head_with_post_processing_is_not_fused(tiny_policy):
         logits = scoring.padded_logits(model, batch)
     expected = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
     assert torch.allclose(logprobs, expected, atol=1e-5)
+
+
+def test_a_seeded_generator_samples_what_the_seeded_global_rng_did_and_leaves_it_alone(policy, tokenizer):
+    """The old way (seed the global RNG, then sample) and the new one (a generator seeded alike)
+    give the same tokens, and the new one draws nothing from the global RNG."""
+    prompts, seed = ["the movie", "a film was", "it"] * 3, 1234
+    torch.manual_seed(seed)
+    old = sampling.sample(policy, tokenizer, prompts, temperature=0.9, max_new_tokens=6)
+    state = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(seed)
+    new = sampling.sample(policy, tokenizer, prompts, temperature=0.9, max_new_tokens=6, generator=generator)
+    assert torch.equal(old.input_ids, new.input_ids) and torch.equal(old.completion_mask, new.completion_mask)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_drawing_from_a_generator_continues_its_stream_and_restores_the_global_rng():
+    generator = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=generator)  # a stream already under way
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(7))[3:]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    with sampling.drawing_from(generator):
+        drawn = torch.rand(1)  # no generator argument: the global RNG, now the generator's stream
+    assert torch.equal(drawn, expected)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -42,6 +42,27 @@ def test_evaluation_results_are_tracked(tiny_args, tmp_path):
     assert list(logged.values()) == pytest.approx([results["warp"]["reward_mean"]])
 
 
+def test_a_training_that_raises_still_finishes_its_tracked_runs(tiny_args, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra, which `make test` installs")
+    from warp_rlhf.algorithm.reinforce import Trainer, TrainingError
+    from warp_rlhf.stages.tracking import _TensorBoard
+
+    finished = []
+    finish = _TensorBoard.finish
+    monkeypatch.setattr(_TensorBoard, "finish", lambda self: finished.append(self.writer.get_logdir()) or finish(self))
+    step = Trainer.step
+
+    def fail_at_the_second_step(self, spec, index, *args):
+        if index == 1:
+            raise TrainingError("the loss is not finite")
+        return step(self, spec, index, *args)
+
+    monkeypatch.setattr(Trainer, "step", fail_at_the_second_step)
+    line = cli_error(["train", *tiny_args, *TRAIN_FLAGS, "--report_to", "tensorboard"], capsys)
+    assert "error: the loss is not finite" in line
+    assert str(tmp_path / "run" / "tensorboard" / "iter_1" / "run_1") in finished  # it had logged its first step
+
+
 def test_a_missing_tracker_is_one_line_naming_its_extra(tiny_args, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "trackio", None)  # as if it were not installed
     line = cli_error(["train", *tiny_args, *TRAIN_FLAGS, "--report_to", "tensorboard,trackio"], capsys)

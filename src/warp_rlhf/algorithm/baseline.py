@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from warp_rlhf.algorithm.reinforce import RunSpec, Trainer
+from warp_rlhf.algorithm.run_loop import train_run
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.layout import RunFolder
 
@@ -37,5 +38,5 @@ def train_reinforce(trainer: Trainer, folder: RunFolder) -> list[tuple[int, Path
     config = trainer.config
     steps = trajectory_steps(config)
     rate = config.ema_rate if config.baseline_anchor == "ema" else 0.0
-    trainer.run(RunSpec(0, 1, folder, anchor_rate=rate), None, total_steps(config), snapshots=frozenset(steps[:-1]))
+    train_run(trainer, RunSpec(0, 1, folder, anchor_rate=rate), None, total_steps(config), frozenset(steps[:-1]))
     return trajectory_files(config, folder)

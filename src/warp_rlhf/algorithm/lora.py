@@ -22,6 +22,7 @@ import torch
 from warp_rlhf.algorithm.merge import State, model_state
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ConfigError
+from warp_rlhf.policy import drawing_from, forked_rng
 
 ADAPTER = "default"
 
@@ -32,6 +33,10 @@ def require_peft():
     except ImportError:
         raise ConfigError("lora_r > 0 needs PEFT: pip install 'warp-rlhf[lora]'") from None
     return peft
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def add_adapters(model: torch.nn.Module, config: WarpConfig) -> torch.nn.Module:
@@ -46,7 +51,8 @@ def add_adapters(model: torch.nn.Module, config: WarpConfig) -> torch.nn.Module:
         bias="none",
     )
     try:
-        peft.inject_adapter_in_model(lora, model)
+        with forked_rng(device_of(model)):  # PEFT draws A from the global RNG; `reset_adapters` draws it anew
+            peft.inject_adapter_in_model(lora, model)
     except ValueError as error:
         raise ConfigError(f"lora_target_modules={targets!r} do not fit the policy: {error}") from None
     for name, parameter in model.named_parameters():
@@ -104,18 +110,15 @@ def load_base(model: torch.nn.Module, state: State) -> None:
 def reset_adapters(model: torch.nn.Module, seed: int) -> None:
     """Fresh adapters: B = 0 (so the merged weights are the base ones) and A as PEFT draws it,
     from `seed`."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with drawing_from(torch.Generator(device_of(model)).manual_seed(seed)):
         for module in adapted(model).values():
             module.reset_lora_parameters(ADAPTER, True)
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 @contextlib.contextmanager
 def adapter_dropout(model: torch.nn.Module) -> Iterator[None]:
-    """LoRA's dropout on in the training forward only; sampling and the anchor's forward never drop."""
+    """LoRA's dropout on in the training forward only; sampling and the anchor's forward never drop.
+    Its masks come from the global RNG: the trainer sets that to the step's generator around it."""
     dropouts = [m for name, m in model.named_modules() if name.endswith(f"lora_dropout.{ADAPTER}")]
     for module in dropouts:
         module.train()
@@ -151,7 +154,8 @@ def adapter_of(final: State, sft: State, model: torch.nn.Module, config: WarpCon
         r=top, lora_alpha=top, target_modules=list(layers), rank_pattern=ranks, alpha_pattern=ranks, bias="none",
         fan_in_fan_out=any(module.fan_in_fan_out for module in layers.values()),
     )  # fmt: skip
-    peft_model = peft.get_peft_model(model, lora)
+    with forked_rng(device_of(model)):  # PEFT draws A, which the factors below replace
+        peft_model = peft.get_peft_model(model, lora)
     with torch.no_grad():
         for name, module in adapted(peft_model).items():
             b, a = factors[name.removeprefix("base_model.model.")]

@@ -1,29 +1,30 @@
-"""One REINFORCE run of WARP, with its anchor (paper Algorithm 1, inner loop; App. B.3).
+"""One REINFORCE step of WARP, with its anchor (paper Algorithm 1, inner loop; App. B.3).
 
-    θ_m ← θ_init ; θ_m^ema ← θ_init ; fresh optimiser
-    for t in 1..T:
+    θ_m ← θ_init ; θ_m^ema ← θ_init ; fresh optimiser                 `Trainer.start`
+    for t in 1..T:                                                     `run_loop.train_run`
       collect:  x_1..B ~ X ; y_b ~ π_θm(·|x_b) ; r(x_b, y_b) ; ℓ_b^ema = log π_ema(y_b|x_b)
       update:   r_β,b = r(x_b, y_b) − β (ℓ_b − ℓ_b^ema)            detached: a reward, not a loss term
-                loss  = − mean_b (r_β,b − baseline_b) · ℓ_b          REINFORCE; baseline 0 in the paper
+                A_b   = r_β,b − baseline_b                          baseline 0 in the paper
+                loss  = − mean_b A_b · ℓ_b                           REINFORCE
                 AdamW step on θ_m ; θ_m^ema ← (1 − μ) θ_m^ema + μ θ_m
 
-`collect` returns a `Trajectory`, `update` an `UpdateStats`. The REINFORCE baseline of the
-paper's comparisons is the same run with μ = 0: its anchor stays at θ_init = θ_sft.
-Randomness is derived from (seed, iteration, run, step), so a resumed run samples exactly what
-an uninterrupted one would, and its final weights are bitwise equal.
+`collect` returns a `Trajectory`, `update` an `UpdateStats`, `step` (both) a `StepMetrics`. The
+REINFORCE baseline of the paper's comparisons is the same run with μ = 0: its anchor stays at
+θ_init = θ_sft. Each step's randomness is one `torch.Generator` seeded from (seed, iteration,
+run, step): sampling draws from it, then LoRA's dropout continues its stream. A resumed run
+therefore draws exactly what an uninterrupted one would, its final weights are bitwise equal,
+and the process's global RNG is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,21 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from warp_rlhf import policy as pi
 from warp_rlhf.algorithm import lora
 from warp_rlhf.algorithm.merge import State, copy_into, ema_update_, model_state
-from warp_rlhf.checkpoint import (
-    UnreadableFile,
-    atomic_dir,
-    load_tensors,
-    read_json,
-    remove_temporaries,
-    save_tensors,
-    write_json,
-)
-from warp_rlhf.config import RUN_FIELDS, WarpConfig
+from warp_rlhf.checkpoint import load_tensors
+from warp_rlhf.config import WarpConfig
 from warp_rlhf.cpu import lean_backward
 from warp_rlhf.errors import WarpError
 from warp_rlhf.layout import RunFolder
@@ -108,16 +100,67 @@ class Trajectory:
     logp_anchor: torch.Tensor  # ℓ_b^ema under the anchor, (B,)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Advantages:
+    """r_β and the advantages of some rows of a batch, from their ℓ (no gradient): `kl_advantages`."""
+
+    reward_beta: torch.Tensor  # r_β = r − β (ℓ − ℓ_ema)
+    advantage: torch.Tensor  # A = r_β − baseline
+    kl: torch.Tensor  # ℓ − ℓ_ema, the k1 estimate of KL(π ‖ π_ema) per row
+
+    def rows(self, rows: slice) -> Advantages:
+        return Advantages(self.reward_beta[rows], self.advantage[rows], self.kl[rows])
+
+    @staticmethod
+    def cat(parts: list[Advantages]) -> Advantages:
+        """The rows of consecutive parts, in order (one part: itself)."""
+        if len(parts) == 1:
+            return parts[0]
+        return Advantages(
+            torch.cat([part.reward_beta for part in parts]),
+            torch.cat([part.advantage for part in parts]),
+            torch.cat([part.kl for part in parts]),
+        )
+
+
+@dataclass(frozen=True)
 class UpdateStats:
     """What `update` did to the policy."""
 
-    loss: float  # − mean_b (r_β,b − baseline_b) ℓ_b, summed over micro-batches
+    loss: float  # − mean_b A_b ℓ_b, summed over micro-batches
     reward_beta_mean: float  # mean r_β
     kl_to_anchor: float  # mean ℓ − ℓ_ema, the k1 estimate of KL(π ‖ π_ema)
     entropy: float  # per-token entropy of π, nats
     grad_norm: float  # before clipping
     learning_rate: float
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """One step's line of a run's metrics.jsonl (`as_dict`, keys in this order)."""
+
+    step: int  # t, from 1
+    reward_mean: float  # mean r(x_b, y_b)
+    reward_std: float
+    kl_to_anchor: float
+    reward_beta_mean: float
+    loss: float
+    grad_norm: float
+    entropy: float
+    completion_length: float  # mean tokens per completion, EOS included
+    learning_rate: float
+    tokens: int  # prompt and completion tokens of the batch, padding excluded
+    completion_tokens: int
+    seconds: float  # the whole step; then each phase's share (`PhaseClock`)
+    seconds_generate: float
+    seconds_reward: float
+    seconds_anchor: float
+    seconds_policy: float
+    seconds_optimizer: float
+    seconds_ema: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 def run_seed(config: WarpConfig) -> int:
@@ -151,6 +194,15 @@ def advantages(r_beta: torch.Tensor, baseline: str) -> torch.Tensor:
     if size < 2:
         return torch.zeros_like(r_beta)
     return r_beta - (r_beta.sum() - r_beta) / (size - 1)
+
+
+def kl_advantages(
+    score: torch.Tensor, logp: torch.Tensor, logp_anchor: torch.Tensor, beta: float, baseline: str
+) -> Advantages:
+    """r_β and A = r_β − baseline of rows with rewards `score`, detached ℓ `logp` and anchor ℓ
+    `logp_anchor`: the whole batch for a baseline over it; any rows for the paper's (none)."""
+    r_beta = reward_beta(score, logp, logp_anchor, beta)
+    return Advantages(r_beta, advantages(r_beta, baseline), logp - logp_anchor.to(logp))
 
 
 def autocast(config: WarpConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -199,14 +251,9 @@ class PhaseClock:
         return time.perf_counter() - self.started
 
 
-@dataclass
-class _WholeBatch:
-    logp: torch.Tensor  # ℓ of every row, no gradient
-    advantage: torch.Tensor
-
-
 class Trainer:
-    """Holds one policy, its anchor and the run's inputs; runs REINFORCE runs one at a time."""
+    """One policy, its anchor and the run's inputs: a REINFORCE step (`step`) and a run's start
+    (`start`). `run_loop.train_run` composes them into a resumable run."""
 
     def __init__(
         self,
@@ -220,7 +267,7 @@ class Trainer:
         if not prompts:
             raise TrainingError("no RL prompts to train on")
         self.config, self.tokenizer, self.reward, self.prompts = config, tokenizer, reward, prompts
-        self.log_step = log_step  # e.g. a tracker; called with each step's metrics
+        self.log_step = log_step  # e.g. a tracker: the run loop hands it each step's metrics
         self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
         self.lora = config.lora_r > 0  # then the policy is a copy with adapters; the caller's model stays plain
         self.policy = lora.add_adapters(copy.deepcopy(policy), config) if self.lora else policy
@@ -232,35 +279,50 @@ class Trainer:
         """The policy's weights as the plain model names them (LoRA's merged: W + (α/r)·B·A)."""
         return lora.merged_state(self.policy) if self.lora else self.policy_state
 
-    # ---- one REINFORCE step --------------------------------------------------------------
-    def step(self, spec: RunSpec, step: int, optimizer, scheduler) -> dict:
-        """Step t of a run: `collect`, then `update`; returns the step's metrics."""
-        clock = PhaseClock(self.device)
-        trajectory = self.collect(spec, step, clock)
-        stats = self.update(trajectory, optimizer, scheduler, spec.anchor_rate, clock, f"{spec.name} step {step + 1}")
-        score, rollout = trajectory.score, trajectory.rollout
-        return {
-            "step": step + 1,
-            "reward_mean": score.mean().item(),
-            "reward_std": score.std().item() if score.numel() > 1 else 0.0,
-            "kl_to_anchor": stats.kl_to_anchor,
-            "reward_beta_mean": stats.reward_beta_mean,
-            "loss": stats.loss,
-            "grad_norm": stats.grad_norm,
-            "entropy": stats.entropy,
-            "completion_length": rollout.completion_lengths.float().mean().item(),
-            "learning_rate": stats.learning_rate,
-            "tokens": int(rollout.attention_mask.sum()),
-            "completion_tokens": int(rollout.completion_mask.sum()),
-            "seconds": clock.total(),
-            **clock.seconds,
-        }
+    def start(self, spec: RunSpec, init: Path | None) -> None:
+        """θ_m ← θ_init ; θ_m^ema ← θ_init, from the safetensors file `init` (None: the policy as it
+        is now); with LoRA, fresh adapters drawn from the run's seed."""
+        start = load_tensors(init, self.device) if init is not None else self.weights()
+        if self.lora:
+            lora.reset_adapters(self.policy, derived_seed(run_seed(self.config), spec.iteration, spec.run, "lora"))
+            start = {name: tensor.detach().clone() for name, tensor in start.items()}
+            lora.load_base(self.policy, start)
+        else:
+            copy_into(self.policy, start)
+        copy_into(self.anchor, start)
 
-    def collect(self, spec: RunSpec, step: int, clock: PhaseClock) -> Trajectory:
-        """x_1..B ~ X, y_b ~ π_θ(·|x_b) at temperature τ, r(x_b, y_b), and ℓ_b^ema under the anchor."""
+    # ---- one REINFORCE step --------------------------------------------------------------
+    def step(self, spec: RunSpec, step: int, optimizer, scheduler) -> StepMetrics:
+        """Step t of a run: `collect`, then `update`, on the step's own generator."""
+        clock = PhaseClock(self.device)
+        seed = derived_seed(run_seed(self.config), spec.iteration, spec.run, "step", step)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        trajectory = self.collect(spec, step, clock, generator)
+        where = f"{spec.name} step {step + 1}"
+        stats = self.update(trajectory, optimizer, scheduler, spec.anchor_rate, clock, where, generator)
+        score, rollout = trajectory.score, trajectory.rollout
+        return StepMetrics(
+            step=step + 1,
+            reward_mean=score.mean().item(),
+            reward_std=score.std().item() if score.numel() > 1 else 0.0,
+            kl_to_anchor=stats.kl_to_anchor,
+            reward_beta_mean=stats.reward_beta_mean,
+            loss=stats.loss,
+            grad_norm=stats.grad_norm,
+            entropy=stats.entropy,
+            completion_length=rollout.completion_lengths.float().mean().item(),
+            learning_rate=stats.learning_rate,
+            tokens=int(rollout.attention_mask.sum()),
+            completion_tokens=int(rollout.completion_mask.sum()),
+            seconds=clock.total(),
+            **clock.seconds,
+        )
+
+    def collect(self, spec: RunSpec, step: int, clock: PhaseClock, generator: torch.Generator) -> Trajectory:
+        """x_1..B ~ X, y_b ~ π_θ(·|x_b) at temperature τ (drawn from `generator`), r(x_b, y_b), and
+        ℓ_b^ema under the anchor."""
         config = self.config
         prompts = prompt_batch(self.prompts, config, spec, step)
-        torch.manual_seed(derived_seed(run_seed(config), spec.iteration, spec.run, "step", step))
         with clock.phase("generate"), self._autocast():
             rollout = pi.sample(
                 self.policy,
@@ -268,6 +330,7 @@ class Trainer:
                 [prompt.text for prompt in prompts],
                 temperature=config.temperature,
                 max_new_tokens=config.max_new_tokens,
+                generator=generator,
             )
         with clock.phase("reward"):
             try:
@@ -276,19 +339,47 @@ class Trainer:
                 raise TrainingError(f"{spec.name} step {step + 1}: {error}") from None
         if not torch.isfinite(score).all():
             raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
-        with clock.phase("anchor"), torch.no_grad():
-            parts = self._micro_batches(rollout)
-            logp_anchor = torch.cat([self._sequence_logprobs(self.anchor, part)[0] for _, part in parts])
+        with clock.phase("anchor"):
+            logp_anchor = self._no_grad_logp(self.anchor, self._micro_batches(rollout))
         return Trajectory(prompts, rollout, score, logp_anchor)
 
     def update(
-        self, trajectory: Trajectory, optimizer, scheduler, anchor_rate: float, clock: PhaseClock, where: str
+        self,
+        trajectory: Trajectory,
+        optimizer,
+        scheduler,
+        anchor_rate: float,
+        clock: PhaseClock,
+        where: str,
+        generator: torch.Generator,
     ) -> UpdateStats:
-        """r_β, advantage and the REINFORCE loss's gradient; clip, AdamW step; EMA of the anchor."""
-        with clock.phase("policy"):
-            loss, entropy, r_beta, kl = self._policy_gradient(trajectory, where)
+        """r_β and the advantages, the REINFORCE loss's gradient over micro-batches, clip, AdamW
+        step, EMA of the anchor. LoRA's dropout in the training forward continues `generator`."""
+        config, rollout = self.config, trajectory.rollout
+        parts = self._micro_batches(rollout)
+        tokens = max(1, rollout.completion_mask.sum().item())
+        with clock.phase("policy"), pi.drawing_from(generator):
+            # 1. r_β and the advantages of the whole batch, which need ℓ of every row before the
+            #    first backward: from one no-grad pass where a baseline spans several micro-batches;
+            #    otherwise (one micro-batch, or the paper's baseline, none, where a row's A is its
+            #    own r_β) from each micro-batch's training forward in 2., with no extra pass.
+            batch = self._batch_advantages(trajectory, parts)
+            # 2. the REINFORCE loss over micro-batches, −Σ_b A_b ℓ_b / B, its gradients accumulated.
+            loss, entropy, terms = 0.0, 0.0, []
+            for rows, part in parts:
+                with lean_backward(self.policy), self._dropout():  # the micro-batch's forward and backward
+                    logp, token_entropy = self._sequence_logprobs(self.policy, part)
+                    own = self._kl_advantages(trajectory, rows, logp.detach()) if batch is None else batch.rows(rows)
+                    micro_loss = -(own.advantage * logp).sum() / config.batch_size
+                    if not torch.isfinite(micro_loss):
+                        raise TrainingError(f"{where}: the loss is not finite")
+                    micro_loss.backward()
+                loss += micro_loss.item()
+                entropy += pi.mean_entropy(token_entropy, part) * part.completion_mask.sum().item() / tokens
+                terms.append(own)
+            whole = Advantages.cat(terms)
         with clock.phase("optimizer"):
-            max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+            max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
             learning_rate = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -297,7 +388,33 @@ class Trainer:
         with clock.phase("ema"):
             if anchor_rate > 0:  # θ_ema ← (1 − μ) θ_ema + μ θ, on the merged weights with LoRA
                 ema_update_(*self._ema_pairs(), anchor_rate)
-        return UpdateStats(loss, r_beta.mean().item(), kl.mean().item(), entropy, grad_norm, learning_rate)
+        return UpdateStats(
+            loss=loss,
+            reward_beta_mean=whole.reward_beta.mean().item(),
+            kl_to_anchor=whole.kl.mean().item(),
+            entropy=entropy,
+            grad_norm=grad_norm,
+            learning_rate=learning_rate,
+        )
+
+    def _batch_advantages(self, trajectory: Trajectory, parts: list[tuple[slice, pi.Rollout]]) -> Advantages | None:
+        """The batch's r_β and A from a no-grad pass, where a baseline spans several micro-batches;
+        None where the training forwards give them."""
+        if self.config.baseline == "none" or len(parts) == 1:
+            return None
+        return self._kl_advantages(trajectory, slice(None), self._no_grad_logp(self.policy, parts))
+
+    def _kl_advantages(self, trajectory: Trajectory, rows: slice, logp: torch.Tensor) -> Advantages:
+        score, logp_anchor = trajectory.score[rows], trajectory.logp_anchor[rows]
+        return kl_advantages(score, logp, logp_anchor, self.config.beta, self.config.baseline)
+
+    def _no_grad_logp(self, model, parts: list[tuple[slice, pi.Rollout]]) -> torch.Tensor:
+        """ℓ of every row under `model`, without a gradient (nor dropout), a micro-batch at a time."""
+        with torch.no_grad():
+            return torch.cat([self._sequence_logprobs(model, part)[0] for _, part in parts])
+
+    def _dropout(self) -> contextlib.AbstractContextManager:
+        return lora.adapter_dropout(self.policy) if self.lora else contextlib.nullcontext()
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(anchor tensors, the policy's): all of them, or with LoRA the adapted weights, merged
@@ -309,44 +426,8 @@ class Trainer:
             merged = [lora.merged_weight(module) for module in layers.values()]
         return [self.anchor_state[f"{name}.weight"] for name in layers], merged
 
-    def _policy_gradient(self, trajectory: Trajectory, where: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        """Accumulate ∇ of −mean_b (r_β,b − baseline_b) ℓ_b over the micro-batches.
-
-        Each micro-batch's ℓ comes from its own training forward, and with the paper's baseline
-        (none) its r_β needs nothing else. Returns (loss, entropy, r_β, ℓ − ℓ_ema).
-        """
-        config, rollout = self.config, trajectory.rollout
-        parts = self._micro_batches(rollout)
-        whole = self._whole_batch(trajectory, parts) if config.baseline != "none" and len(parts) > 1 else None
-        tokens = max(1, rollout.completion_mask.sum().item())
-        loss_total, entropy, rewards_beta, kls = 0.0, 0.0, [], []
-        dropout = lora.adapter_dropout(self.policy) if self.lora else contextlib.nullcontext()
-        for rows, part in parts:
-            with lean_backward(self.policy), dropout:  # its forward and backward
-                logp, token_entropy = self._sequence_logprobs(self.policy, part)
-                share = part.completion_mask.sum().item() / tokens
-                entropy += pi.mean_entropy(token_entropy, part) * share  # a per-token mean over the batch
-                logp_values = logp.detach() if whole is None else whole.logp[rows]
-                r_beta = reward_beta(trajectory.score[rows], logp_values, trajectory.logp_anchor[rows], config.beta)
-                advantage = advantages(r_beta, config.baseline) if whole is None else whole.advantage[rows]
-                loss = -(advantage * logp).sum() / config.batch_size
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{where}: the loss is not finite")
-                loss.backward()  # REINFORCE: ∇ of −mean_b (r_β,b − baseline_b) ℓ_b
-            loss_total += loss.item()
-            kls.append(logp_values - trajectory.logp_anchor[rows].to(logp_values))
-            rewards_beta.append(r_beta)
-        return loss_total, entropy, torch.cat(rewards_beta), torch.cat(kls)
-
-    def _whole_batch(self, trajectory: Trajectory, parts: list[tuple[slice, pi.Rollout]]) -> _WholeBatch:
-        """A batch-wide baseline (mean, loo) over several micro-batches needs every ℓ before the
-        first backward: one no-grad pass gives them, and the advantages of the whole batch."""
-        with torch.no_grad():
-            logp = torch.cat([self._sequence_logprobs(self.policy, part)[0] for _, part in parts])
-        r_beta = reward_beta(trajectory.score, logp, trajectory.logp_anchor, self.config.beta)
-        return _WholeBatch(logp, advantages(r_beta, self.config.baseline))
-
     def _micro_batches(self, rollout: pi.Rollout) -> list[tuple[slice, pi.Rollout]]:
+        """The micro-batches of `grad_accumulation_steps`: (rows, their rollout)."""
         batch = self.config.batch_size
         size = batch // self.config.grad_accumulation_steps
         return [(slice(start, start + size), rollout.rows(start, start + size)) for start in range(0, batch, size)]
@@ -361,138 +442,3 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.config, self.device)
-
-    # ---- one run, resumable --------------------------------------------------------------
-    def run(
-        self,
-        spec: RunSpec,
-        init: Path | None,
-        steps: int,
-        snapshots: frozenset[int] = frozenset(),
-        bar: int | None = None,
-    ) -> None:
-        """T steps from θ_init with a fresh optimiser; leaves policy.safetensors and done.json.
-
-        θ_init is read from the safetensors file `init` when the run starts (None: the policy as
-        it is now), so no copy of it stays in memory while the run trains. After each step k in
-        `snapshots`, the policy is also saved (`RunFolder.snapshot`). `bar`: the terminal line of
-        its progress bar, for runs side by side.
-        """
-        files = spec.folder
-        remove_temporaries(files.path)
-        if files.done.exists():
-            return
-        files.path.mkdir(parents=True, exist_ok=True)
-        optimizer, scheduler = new_optimizer(self.policy, self.config)
-        try:
-            start = self._restore(spec, init, optimizer, scheduler, steps)
-        except UnreadableFile as error:
-            remedy = (
-                f"delete {files.checkpoint} and run again with --resume to restart this run from its init"
-                if error.path.parent == files.checkpoint
-                else "delete it and run again with --resume to write it anew"
-            )
-            raise TrainingError(f"{spec.name}: {error}; {remedy}") from None
-        _truncate_lines(files.metrics, start)
-        progress = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True, position=bar)
-        with progress, open(files.metrics, "a") as log:
-            for step in range(start, steps):
-                metrics = self.step(spec, step, optimizer, scheduler)
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                if self.log_step is not None:
-                    self.log_step(spec, metrics)
-                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
-                progress.update()
-                if step + 1 in snapshots:
-                    save_tensors(files.snapshot(step + 1), self.weights())
-                if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
-                    self._save(files.checkpoint, step + 1, optimizer, scheduler)
-        save_tensors(files.policy, self.weights())
-        write_json(files.done, {"steps": steps, **_summary(files.metrics)})
-        shutil.rmtree(files.checkpoint, ignore_errors=True)
-
-    def _save(self, path: Path, step: int, optimizer, scheduler) -> None:
-        state = optimizer.state_dict()
-        moments = {f"{index}.{key}": value for index, entry in state["state"].items() for key, value in entry.items()}
-        with atomic_dir(path) as tmp:
-            save_tensors(tmp / "policy.safetensors", self.policy_state)
-            save_tensors(tmp / "anchor.safetensors", self.anchor_state)
-            save_tensors(tmp / "optimizer.safetensors", moments)
-            write_json(
-                tmp / "state.json",
-                {
-                    "step": step,
-                    "param_groups": state["param_groups"],
-                    "scheduler": scheduler.state_dict(),
-                    "fields": self._run_fields(),
-                },
-            )
-
-    def _run_fields(self) -> dict:
-        return {name: getattr(self.config, name) for name in RUN_FIELDS}
-
-    def _restore(self, spec: RunSpec, init: Path | None, optimizer, scheduler, steps: int) -> int:
-        """Load the run's checkpoint if there is one and it was made with this run's settings (a
-        checkpoint of other settings is set aside: the run restarts from θ_init). Returns the step."""
-        path = spec.folder.checkpoint
-        if self.lora:  # fresh adapters, drawn from the run's seed (a checkpoint overwrites them)
-            lora.reset_adapters(self.policy, derived_seed(run_seed(self.config), spec.iteration, spec.run, "lora"))
-        if (path / "state.json").exists():
-            saved = read_json(path / "state.json")
-            made_with = saved.get("fields", self._run_fields()) | {"steps": max(saved["step"], steps)}
-            current = self._run_fields() | {"steps": steps}  # a checkpoint past the run's end is not resumed
-            changed = [name for name, value in current.items() if made_with.get(name, value) != value]
-            if changed:
-                name, aside = changed[0], path.with_name(f"{path.name}.previous")
-                logger.warning(
-                    "%s: its checkpoint was made with %s=%r, not %r: restarting the run from its init "
-                    "(the checkpoint is kept as %s)",
-                    spec.name, name, made_with[name], current[name], aside,
-                )  # fmt: skip
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
-        if not (path / "state.json").exists():
-            start = load_tensors(init, self.device) if init is not None else self.weights()
-            if self.lora:
-                start = {name: tensor.detach().clone() for name, tensor in start.items()}
-                lora.load_base(self.policy, start)
-            else:
-                copy_into(self.policy, start)
-            copy_into(self.anchor, start)
-            return 0
-        copy_into(self.policy, load_tensors(path / "policy.safetensors", self.device))
-        copy_into(self.anchor, load_tensors(path / "anchor.safetensors", self.device))
-        saved = read_json(path / "state.json")
-        moments: dict[int, dict] = {}
-        for key, value in load_tensors(path / "optimizer.safetensors", self.device).items():
-            index, name = key.split(".", 1)
-            moments.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
-        optimizer.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
-        scheduler.load_state_dict(saved["scheduler"])
-        return saved["step"]
-
-
-def _truncate_lines(path: Path, keep: int) -> None:
-    """Keep the first `keep` lines (steps after the checkpoint are redone)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)[:keep]
-        path.write_text("".join(lines))
-
-
-def _summary(log_path: Path) -> dict:
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    if not rows:
-        return {}
-    tenth = max(1, len(rows) // 10)
-    first, last = rows[:tenth], rows[-tenth:]
-
-    def mean(part, key):
-        return sum(r[key] for r in part) / len(part)
-
-    return {
-        "reward_first_10pct": mean(first, "reward_mean"),
-        "reward_last_10pct": mean(last, "reward_mean"),
-        "kl_to_anchor_last_10pct": mean(last, "kl_to_anchor"),
-        "seconds_per_step": mean(rows, "seconds"),
-    }

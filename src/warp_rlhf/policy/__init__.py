@@ -5,14 +5,16 @@ It imports nothing of warp-rlhf above it; the CPU fast paths it takes are in `wa
 
 from warp_rlhf.policy.logprobs import completion_logprobs, sequence_logprobs, token_logits
 from warp_rlhf.policy.rollout import Rollout, build_rollout, decode, mean_entropy
-from warp_rlhf.policy.sampling import encode_prompts, sample
+from warp_rlhf.policy.sampling import drawing_from, encode_prompts, forked_rng, sample
 
 __all__ = [
     "Rollout",
     "build_rollout",
     "completion_logprobs",
     "decode",
+    "drawing_from",
     "encode_prompts",
+    "forked_rng",
     "mean_entropy",
     "sample",
     "sequence_logprobs",

@@ -3,20 +3,47 @@ or after L new tokens (paper Algorithm 1): no greedy decoding, no truncation of 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from warp_rlhf import cpu
 from warp_rlhf.policy.rollout import Rollout, build_rollout, eos_ids
 
 
-def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
-    """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """The global RNG of the CPU (and of `device`, a GPU) saved on entry and put back on exit."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+@contextlib.contextmanager
+def drawing_from(generator: torch.Generator) -> Iterator[None]:
+    """Inside, the global RNG of the generator's device continues `generator`'s stream, for what
+    takes no generator (dropout, PEFT's initialisation); after, the caller's RNG is as it was.
+
+    A CPU or GPU generator seeded with s draws what the global RNG seeded with s draws, so this
+    gives the same numbers as seeding the global RNG, without changing it for the caller.
+    """
+    device = generator.device
+    with forked_rng(device):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(generator.get_state(), device)
+        else:
+            torch.random.set_rng_state(generator.get_state())
+        yield
+
+
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(logits), by inverting the CDF with one uniform per row, drawn
+    from `generator` (None: the global torch RNG).
 
     The same distribution as `torch.multinomial`, which draws an exponential for every
     vocabulary entry; this needs one cumulative sum.
     """
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-    u = torch.rand(logits.shape[0], 1, device=logits.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(logits.shape[0], 1, device=logits.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
@@ -40,9 +67,18 @@ def encode_prompts(tokenizer, prompts: list[str]):
 
 @torch.no_grad()
 def sample(
-    model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, with_logits: bool = False
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    generator: torch.Generator | None = None,
+    with_logits: bool = False,
 ) -> Rollout | tuple[Rollout, torch.Tensor]:
-    """Sample one completion per prompt (uses the global torch RNG: seed it first).
+    """Sample one completion per prompt, its randomness drawn from `generator` alone (a
+    `torch.Generator` on the model's device; None: the global torch RNG), so a seeded generator
+    gives the same completions whatever else the process draws.
 
     Prompts start with the tokenizer's BOS token where it adds one (`encode_prompts`).
 
@@ -66,7 +102,7 @@ def sample(
         del cache  # the decoder holds what it needs
         for index in range(max_new_tokens):
             scaled = logits.float() / temperature
-            token = torch.where(finished, eos_tensor[0], sample_categorical(scaled))
+            token = torch.where(finished, eos_tensor[0], sample_categorical(scaled, generator))
             tokens.append(token)
             if with_logits:
                 scaled_logits.append(scaled)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warp_rlhf.algorithm.reinforce import RunSpec, Trainer
+from warp_rlhf.algorithm.run_loop import train_run
 from warp_rlhf.config import WarpConfig
 
 
@@ -37,7 +38,7 @@ def run_one(job: RunJob, spec: RunSpec, init_path: str, threads: int, bar: int |
     keep_freed_memory()
     trainer = job.make_trainer()
     try:
-        trainer.run(spec, Path(init_path), job.config.steps, bar=bar)
+        train_run(trainer, spec, Path(init_path), job.config.steps, bar=bar)
     finally:
         close = getattr(trainer.log_step, "close", None)  # a tracker's runs end with the process's work
         if close is not None:

@@ -86,16 +86,17 @@ def sample_policy(
     batch_size: int = EVAL_BATCH,
 ) -> Samples:
     """Sample one completion per prompt from `policy` and score it against `sft` (may be `policy`)."""
-    samples = Samples()
+    samples, device = Samples(), next(policy.parameters()).device
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
-        torch.manual_seed(derived_seed(seed, "eval", index))  # the same seeds for every policy
+        generator = torch.Generator(device).manual_seed(derived_seed(seed, "eval", index))  # the same for every policy
         batch, logits = pi.sample(
             policy,
             tokenizer,
             [p.text for p in chunk],
             temperature=temperature,
             max_new_tokens=max_new_tokens,
+            generator=generator,
             with_logits=True,
         )  # fmt: skip  (the policy's logits come from generation itself: no second forward)
         reference = logits if sft is policy else pi.token_logits(sft, batch, temperature)

@@ -134,9 +134,8 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
         metrics = train_reward_model(
             config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, paths.reward_model
         )
-    tracked = tracking(config, out)
-    tracked.log("reward_model", metrics, 0)
-    tracked.close()
+    with tracking(config, out) as tracked:
+        tracked.log("reward_model", metrics, 0)
     return metrics
 
 
@@ -190,8 +189,7 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
             f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
         )
     policy, tokenizer, reward, splits = _stage_inputs(config, out)
-    tracked = tracking(config, out)
-    with timed(out, f"train {config.method}"):
+    with timed(out, f"train {config.method}"), tracking(config, out) as tracked:
         trainer = None
         if config.backend == "local" or not warp:
             trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts, log_step=tracked)
@@ -206,7 +204,6 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
             trajectory = train_reinforce(trainer, paths.baseline)
             merged = load_tensors(trajectory[-1][1])
             metrics = read_json(paths.baseline.done)
-        tracked.close()
         sft = load_tensors(paths.init(1)) if warp and config.save_adapter else None
         save_policy(policy, tokenizer, merged, final, config, metrics, sft=sft)
     return final
@@ -294,12 +291,11 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
         evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths)
     results = write_results(evaluated, paths.eval, out)
     report = write_report(out, dump_config(config), results)
-    tracked = tracking(config, out)
-    if tracked:
-        for name, row in results["policies"].items():
-            tracked.log("evaluation", {f"{name}/{key}": value for key, value in row.items()}, 0)
-        tracked.text("evaluation", "report", report.read_text())
-        tracked.close()
+    with tracking(config, out) as tracked:
+        if tracked:
+            for name, row in results["policies"].items():
+                tracked.log("evaluation", {f"{name}/{key}": value for key, value in row.items()}, 0)
+            tracked.text("evaluation", "report", report.read_text())
     return results
 
 

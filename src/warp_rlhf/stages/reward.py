@@ -7,24 +7,28 @@ tokenizers lack). The held-out metric is pairwise accuracy: P[r(chosen) > r(reje
 
 from __future__ import annotations
 
+import contextlib
+import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from warp_rlhf.checkpoint import atomic_dir, write_json
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ModelError
 from warp_rlhf.layout import REWARD_METRICS
-from warp_rlhf.stages.models import context_window, load_tokenizer, loading
+from warp_rlhf.stages.models import context_window, load_tokenizer, loading, model_config
 
 
-def text_limit(model, tokenizer) -> int:
+def text_limit(model_config, tokenizer) -> int:
     """The most tokens a text keeps: the tokenizer's limit, the model's positions, and 512 at most
     (longer texts are truncated, as an encoder cannot read past its position embeddings)."""
-    positions = context_window(model.config) or 512
-    if getattr(model.config, "model_type", None) in {"roberta", "xlm-roberta", "camembert"}:
+    positions = context_window(model_config) or 512
+    if getattr(model_config, "model_type", None) in {"roberta", "xlm-roberta", "camembert"}:
         positions -= 2  # their first two positions are reserved (padding offset)
     return min(tokenizer.model_max_length, positions, 512)
 
@@ -44,7 +48,7 @@ class RewardModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_length = text_limit(model, tokenizer)
+        self.max_length = text_limit(model.config, tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -118,27 +122,40 @@ def train_reward_model(
     """Train a Bradley–Terry reward model and save it (model, tokenizer, metrics) to `output`.
 
     The folder appears only when complete; its `metrics.json` holds held-out pairwise accuracy.
+    TRL loads the backbone and draws the new score head after seeding with `seed` (as HF's
+    Trainer then seeds its data order); the caller's global RNGs are put back afterwards.
     """
+    with global_rng_kept():
+        return _train_reward_model(config, backbone, train_pairs, eval_pairs, output)
+
+
+@contextlib.contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's global RNGs as they were on entry, on exit: HF's Trainer
+    seeds all three with its `seed`."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+def _train_reward_model(
+    config: WarpConfig,
+    backbone: str,
+    train_pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]],
+    output: Path,
+) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, set_seed
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     started = time.perf_counter()
-    set_seed(config.seed)  # the new score head is initialised from the global RNG
     tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "newly initialised head" for the score layer
-    try:
-        with loading(backbone, "reward_model"):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                backbone, num_labels=1, trust_remote_code=config.trust_remote_code
-            )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = text_limit(model, tokenizer)
+    backbone_config = model_config(backbone, "reward_model", trust_remote_code=config.trust_remote_code)
+    max_length = text_limit(backbone_config, tokenizer)
 
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -154,8 +171,9 @@ def train_reward_model(
             learning_rate=config.reward_learning_rate,
             lr_scheduler_type="linear",
             warmup_steps=0.05,
-            seed=config.seed,
+            seed=config.seed,  # the score head's initialisation and the data order
             data_seed=config.seed,
+            model_init_kwargs={"dtype": "auto", "device_map": None, "trust_remote_code": config.trust_remote_code},
             use_cpu=use_cpu,
             bf16=False,
             activation_checkpointing=False,
@@ -165,7 +183,7 @@ def train_reward_model(
             max_length=None,
             dataloader_num_workers=0,
         )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = _reward_trainer(backbone, args, dataset, tokenizer)
         result = trainer.train()
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         scorer = RewardModel(trainer.model.eval(), tokenizer)
@@ -182,3 +200,17 @@ def train_reward_model(
         tokenizer.save_pretrained(tmp)
         write_json(tmp / REWARD_METRICS, metrics)
     return metrics
+
+
+def _reward_trainer(backbone: str, args, dataset, tokenizer):
+    """TRL's `RewardTrainer` on the backbone with a new one-output head (its load report hushed)."""
+    from transformers.utils import logging as hf_logging
+    from trl import RewardTrainer
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "newly initialised head" for the score layer
+    try:
+        with loading(backbone, "reward_model"):
+            return RewardTrainer(model=backbone, args=args, train_dataset=dataset, processing_class=tokenizer)
+    finally:
+        hf_logging.set_verbosity(verbosity)

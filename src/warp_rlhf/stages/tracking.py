@@ -96,7 +96,8 @@ _KINDS = {"tensorboard": _TensorBoard, "trackio": _Trackio, "wandb": _Wandb}
 
 
 class Tracking:
-    """The trackers of `report_to`, each with one tracked run per name, opened on first use."""
+    """The trackers of `report_to`, each with one tracked run per name, opened on first use. As a
+    context manager, every tracked run is finished on exit, also when the work inside raised."""
 
     def __init__(self, report_to: list[str], out: Path, config: dict):
         self.kinds = [kind for kind in report_to if kind != "none"]
@@ -130,6 +131,12 @@ class Tracking:
             for destination in destinations:
                 destination.finish()
         self.open.clear()
+
+    def __enter__(self) -> Tracking:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _run_name(folder: Path) -> str:
