@@ -126,14 +126,14 @@ def default_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def cli_process(args: list[str], **options):
+def cli_process(args: list[str], env_extra: dict[str, str] | None = None, **options):
     """`warp-rlhf ARGS` in a subprocess running this checkout's source (`subprocess.Popen`), with
     Ctrl-C's default action however the tests were started (`default_ctrl_c`)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env = dict(os.environ, PYTHONPATH=str(SRC), **(env_extra or {}))
     command = [sys.executable, "-m", "warp_rlhf.cli", *args]
     return subprocess.Popen(command, env=env, text=True, preexec_fn=default_ctrl_c, **options)
 

@@ -1,6 +1,5 @@
 """Bad input: one clear line, exit code 2, nothing left behind. Crashes: SIGKILL, then --resume."""
 
-import shutil
 import signal
 import subprocess
 import time
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli_process, make_tokenizer, write_reviews_csv
+from tests.helpers import cli_process, make_tokenizer, share_reward_model, write_reviews_csv
 from warp_rlhf.cli import main
 from warp_rlhf.stages.models import load_tokenizer
 
@@ -162,8 +161,7 @@ def test_sigkill_at_several_points_then_resume_is_bitwise_equal(tiny_args, tmp_p
     assert main(["train", *reference]) == 0
     killed = tmp_path / "killed"
     killed.mkdir()
-    for shared in ("reward_model", "data"):  # the same reward model, so only WARP is compared
-        shutil.copytree(tmp_path / "reference" / shared, killed / shared)
+    share_reward_model(tmp_path / "reference", killed)  # the same reward model, so only WARP is compared
     args = [*tiny_args, *flags, "--output_dir", str(killed), "--resume"]
     for pattern in KILL_POINTS:
         _train_until(args, pattern, killed)

@@ -241,18 +241,27 @@ def main(argv: list[str] | None = None) -> int:
         with owned(out):
             return HANDLERS[args.command](config, args)
     except WarpError as error:
+        _release()
         _fail(str(error) + _kept(out, before, args.command))
     except OSError as error:
         if error.errno not in WRITE_ERRORS:
             raise
+        _release()
         _fail(_write_error(error) + _kept(out, None, args.command))
     except (KeyboardInterrupt, Terminated) as stop:
+        _release()
         what = "interrupted (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "stopped (SIGTERM)"
         print(f"warp-rlhf: {what} during `{args.command}`{_kept(out, None, args.command)}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_USAGE
+
+
+def _release() -> None:
+    """Stop what the command started (a local Ray instance) before its last line is printed."""
+    if "warp_rlhf.runners" in sys.modules:
+        sys.modules["warp_rlhf.runners"].release()
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}

@@ -2,13 +2,12 @@
 line, a LoRA run whose final/ loads with from_pretrained and whose adapter is exactly its change."""
 
 import json
-import shutil
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import TRAIN_FLAGS, cli_error, same_weights
+from tests.helpers import TRAIN_FLAGS, cli_error, same_weights, share_reward_model
 from warp_rlhf.cli import main
 
 
@@ -108,8 +107,7 @@ def test_lora_runs_side_by_side_give_the_local_weights(backend, tiny_args, tmp_p
         assert main(["train", *tiny_args, *flags, "--output_dir", str(tmp_path / "local")]) == 0
     finally:
         torch.set_num_threads(previous)
-    for shared in ("reward_model", "data"):
-        shutil.copytree(tmp_path / "local" / shared, tmp_path / backend / shared)
+    share_reward_model(tmp_path / "local", tmp_path / backend)
     extra = ["--backend", backend, *(["--ray_num_cpus", "1"] if backend == "ray" else [])]
     assert main(["train", *tiny_args, *flags, "--output_dir", str(tmp_path / backend), *extra]) == 0
     for run in ("iter_1/run_1/policy.safetensors", "iter_1/run_2/policy.safetensors", "final/model.safetensors"):

@@ -28,7 +28,6 @@ from warp_rlhf.checkpoint import (
     atomic_dir,
     load_tensors,
     read_json,
-    remove_temporaries,
     verify_safetensors,
     write_json,
     write_text,
@@ -36,7 +35,7 @@ from warp_rlhf.checkpoint import (
 from warp_rlhf.config import WarpConfig, config_to_dict, dump_config
 from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.layout import OutputDir
-from warp_rlhf.runners import RunJob, make_runner
+from warp_rlhf.runners import RunJob, check_backend, make_runner
 from warp_rlhf.stages import assets
 from warp_rlhf.stages.data import Splits, make_splits, read_splits
 from warp_rlhf.stages.evaluate import Judge, Samples, sample_policy, write_results
@@ -87,14 +86,15 @@ def _check_weights(name: str, what: str) -> None:
             raise ModelError(f"{what} {name}: {error}") from None
 
 
-def prepare_output(config: WarpConfig, *, overwrite: bool = False) -> Path:
-    """Check the models, then claim `output_dir` for this config (`output.claim`) and save it."""
+def prepare_output(config: WarpConfig, *, overwrite: bool = False, config_file: str | Path | None = None) -> Path:
+    """Check the models, then claim `output_dir` for this config (`output.claim`) and save it.
+    `config_file`: the YAML file the config was read from, which the folder must not hold."""
+    config.torch_device  # noqa: B018 (a device this machine lacks is refused before any work)
     check_models(config)
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        claim(config, out, overwrite=overwrite)
-        remove_temporaries(out)
+        claim(config, out, overwrite=overwrite, inputs=[("the config file", Path(config_file))] if config_file else [])
         write_text(OutputDir(out).config, dump_config(config))
     except OSError as error:
         raise ConfigError(f"output_dir {out} cannot be written: {error.strerror or error}") from None
@@ -188,6 +188,8 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
         raise ConfigError(
             f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
         )
+    if warp:
+        check_backend(config)
     policy, tokenizer, reward, splits = _stage_inputs(config, out)
     with timed(out, f"train {config.method}"), tracking(config, out) as tracked:
         trainer = None
