@@ -170,3 +170,23 @@ def test_evaluate_without_a_trained_policy_says_so_and_trains_nothing(tiny_args,
     line = cli_error(["evaluate", *tiny_args], capsys)
     assert "holds no trained policy to evaluate (no final/, no reinforce/)" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_any_write_error_is_one_line_naming_the_file(code, tiny_args, tmp_path, capsys, monkeypatch):
+    """A read-only or forbidden eval/ (root ignores file modes, so the error is injected where
+    the results are written): one line naming the file, and the reward model's folder kept."""
+    from warp_rlhf import checkpoint
+
+    written = checkpoint.write_text
+
+    def refuses_eval(path, text):
+        if "eval" in Path(path).parts:
+            raise OSError(code, os.strerror(code), str(Path(path).with_name(f".{Path(path).name}.tmp-7")))
+        return written(path, text)
+
+    monkeypatch.setattr(checkpoint, "write_text", refuses_eval)
+    line = cli_error(["run", *tiny_args, *TRAIN_FLAGS, "--front_points", "2", "--trajectory_points", "1"], capsys)
+    assert f"cannot access {tmp_path / 'run' / 'eval'}/" in line and os.strerror(code) in line
+    assert ".tmp-" not in line and "kept in" in line
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
