@@ -87,6 +87,35 @@ def test_micro_batches_give_a_lora_step_the_gradient_of_the_whole_batch(tiny_pol
         assert torch.allclose(grads[1][name], grad, atol=1e-6), name
 
 
+def test_a_lora_run_with_dropout_resumed_in_a_new_process_ends_bitwise_where_it_would_have(
+    tiny_policy, tmp_path, monkeypatch
+):
+    """LoRA's dropout draws from each step's seed alone, whatever a process checks once per model
+    or class before a resumed run's first step (the fast paths' verdicts, the RMSNorm check)."""
+    from tests.helpers import same_weights
+    from warp_rlhf.algorithm.run_loop import train_run
+    from warp_rlhf.cpu import activations
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_3(spec, metrics):
+        if metrics["step"] == 3:
+            raise Stop
+
+    def run(folder, log_step=None):
+        monkeypatch.setattr(activations, "_RMS_NORM_CLASSES", {})  # as in a process of its own
+        trainer = Trainer(config, load_causal_lm(str(tiny_policy)), make_tokenizer(), good_fraction, PROMPTS, log_step)
+        train_run(trainer, RunSpec(1, 1, folder, 0.1), None, 4)
+
+    config = lora_config(tmp_path, lora_dropout=0.5, checkpoint_every=1)
+    run(RunFolder(tmp_path / "clean"))
+    with pytest.raises(Stop):
+        run(RunFolder(tmp_path / "cut"), stop_after_step_3)
+    run(RunFolder(tmp_path / "cut"))  # from its step-2 checkpoint
+    assert same_weights(RunFolder(tmp_path / "cut").policy, RunFolder(tmp_path / "clean").policy)
+
+
 def test_the_anchor_is_the_ema_of_the_merged_weights(tiny_policy, tmp_path):
     """θ_ema ← (1 − μ) θ_ema + μ W' after every step, on W' = W + (α/r)·B·A: by hand over three steps."""
     mu = 0.3

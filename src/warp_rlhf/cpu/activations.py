@@ -126,7 +126,8 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
     """A module whose output is `rms_norm(x, module.weight, module.variance_epsilon)`, bit for bit.
 
     Checked once per class on a random input, so a norm with other arithmetic (Gemma's (1 + w))
-    keeps its own forward.
+    keeps its own forward. The input comes from a generator of its own: a draw from the global RNG
+    would move what the rest of the process draws (LoRA's dropout) in its first training step only.
     """
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
@@ -134,7 +135,8 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
     kind = type(module)
     if kind not in _RMS_NORM_CLASSES:
         with torch.no_grad():
-            x = torch.randn(3, weight.numel(), device=weight.device, dtype=weight.dtype)
+            generator = torch.Generator(weight.device).manual_seed(0)
+            x = torch.randn(3, weight.numel(), device=weight.device, dtype=weight.dtype, generator=generator)
             _RMS_NORM_CLASSES[kind] = torch.equal(module(x), rms_norm(x, weight, eps))
     return _RMS_NORM_CLASSES[kind]
 

@@ -60,16 +60,23 @@ _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def verdict(model, what: str, pairs: Callable[[Probe], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> bool:
     """`pairs(probe)` → (expected, got) logits on a `Probe`, all close: checked once per model
-    and `what`, and False where the probe fails."""
+    and `what`, and False where the probe fails. The check runs every module in eval mode (a
+    dropout on while training draws neither masks nor random numbers for it)."""
     verdicts = _VERDICTS.setdefault(model, {})
     if what not in verdicts:
         probe = Probe.for_model(model)
         device = probe.input_ids.device
+        training = [module for module in model.modules() if module.training]
         try:
+            for module in training:
+                module.eval()
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 verdicts[what] = all(_close(expected, got) for expected, got in pairs(probe))
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
             verdicts[what] = False
+        finally:
+            for module in training:
+                module.train()
         taken = "taken" if verdicts[what] else "not exact for this model: falling back"
         logger.debug("fast path '%s' for %s: %s", what, type(model).__name__, taken)
     return verdicts[what]
