@@ -6,9 +6,10 @@ operations, sampling and Python work leave a core idle that the other run then u
 (benchmarks/NOTES.md). Each process rebuilds its run from folders (`worker`), so memory is M
 times a run's.
 
-Each run is one `spawn` process with a pipe back to the driver, which carries one message: None
-when the run finished, or the run's own error. Nothing else is shared, so a driver that stops —
-however it stops — leaves no semaphore behind for Python's resource tracker to warn about.
+Each run is a fresh interpreter (`runners.child`) given its job on stdin, cloudpickled, and a pipe
+back that carries one message: None when the run finished, or the run's own error. Nothing else is
+shared, so a driver that stops — however it stops — leaves no semaphore for Python's resource
+tracker to warn about.
 """
 
 from __future__ import annotations
@@ -16,20 +17,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import multiprocessing
 import os
-import pickle
 import signal
-import threading
-import traceback
-from multiprocessing.connection import Connection, wait
+import subprocess
+import sys
+from multiprocessing.connection import wait
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import cloudpickle
 
 from warp_rlhf.algorithm.reinforce import RunSpec
 from warp_rlhf.errors import WarpError
-from warp_rlhf.runners.worker import RunJob, run_one
+from warp_rlhf.runners.worker import RunJob
 
 
 def side_by_side(runs: int, cores: int | None = None) -> tuple[int, int]:
@@ -45,82 +44,69 @@ def run_in_processes(job: RunJob, specs: list[RunSpec], init_path: Path) -> None
 
     A run that fails raises its own error here, after the others have stopped. When the driver
     stops (an error, Ctrl-C, SIGTERM), its run processes are terminated before it returns; each
-    one's progress is in its checkpoint. A driver killed outright takes them with it (`_child`).
+    one's progress is in its checkpoint. A driver killed outright takes them with it (`_child_start`).
     """
     processes, threads = side_by_side(job.config.runs)  # by M, not by the runs left: the same threads on resume
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
     waiting = list(enumerate(specs))
-    running: dict[Connection, tuple[multiprocessing.process.BaseProcess, RunSpec]] = {}
+    running: dict[int, tuple[subprocess.Popen, RunSpec]] = {}  # result pipe → (process, run)
     try:
         while waiting or running:
             while waiting and len(running) < processes:
                 bar, spec = waiting.pop(0)
-                reader, writer = context.Pipe(duplex=False)
-                process = context.Process(target=_child, args=(writer, job, spec, str(init_path), threads, bar))
-                process.start()
-                writer.close()  # the child's end: EOF here when the child dies
-                running[reader] = (process, spec)
-            for reader in wait(list(running)):
-                process, spec = running.pop(reader)
-                _raise_failure(reader, process, spec)
+                fd, process = _start(cloudpickle.dumps((job, spec, str(init_path), threads, bar)))
+                running[fd] = (process, spec)
+            for fd in wait(list(running)):
+                process, spec = running.pop(fd)
+                error = _result(fd, process, spec)
+                if error is not None:
+                    raise error
     finally:  # a run failed, or the driver stops: the others stop too
         for process, _ in running.values():
             process.terminate()
-        for reader, (process, _) in running.items():
-            process.join()
-            reader.close()
+        for fd, (process, _) in running.items():
+            process.wait()
+            os.close(fd)
 
 
-def _raise_failure(reader: Connection, process, spec: RunSpec) -> None:
-    """Wait for a run's process to end; raise its error, or say how it died."""
+def _start(payload: bytes) -> tuple[int, subprocess.Popen]:
+    """A run process given `payload` on stdin; returns the pipe its result comes back on."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the caller's modules
     try:
-        error = reader.recv()
-    except EOFError:  # it ended without a word: killed
-        error = _death(process, spec)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "warp_rlhf.runners.child", str(write_fd)],
+            stdin=subprocess.PIPE, pass_fds=(write_fd,), preexec_fn=_child_start, env=env,
+        )  # fmt: skip
     finally:
-        reader.close()
-    process.join()
-    if error is not None:
-        raise error
+        os.close(write_fd)
+    with contextlib.suppress(BrokenPipeError):  # a child that died at once: its exit says why
+        process.stdin.write(payload)
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.close()
+    return read_fd, process
 
 
-def _death(process, spec: RunSpec) -> WarpError:
-    process.join()
-    code = process.exitcode
-    if code is not None and code < 0:
+def _result(fd: int, process: subprocess.Popen, spec: RunSpec) -> Exception | None:
+    """The run's message once its process ends: None, its error, or how it died."""
+    with os.fdopen(fd, "rb") as pipe:
+        message = pipe.read()
+    code = process.wait()
+    if message:
+        return cloudpickle.loads(message)  # the run's own message, written by `runners.child`
+    if code < 0:
         how = f"was killed by signal {-code}{' (out of memory?)' if code == -signal.SIGKILL else ''}"
     else:
         how = f"exited with code {code} before it finished"
     return WarpError(f"{spec.name}: its process {how}")
 
 
-def _child(writer: Connection, job: RunJob, spec: RunSpec, init_path: str, threads: int, bar: int) -> None:
-    """A run process: leave Ctrl-C to the driver (which stops the runs), die with the driver if it
-    is killed (Linux's `PR_SET_PDEATHSIG`), run, and send back None or the run's error."""
+def _child_start() -> None:
+    """In each run process, before it starts: leave Ctrl-C to the driver (which stops the runs),
+    and on Linux die with the driver if it is killed (`PR_SET_PDEATHSIG`), so no run outlives it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    tqdm.set_lock(threading.RLock())  # not its default multiprocessing lock: a terminated run would leak it
-    try:
-        run_one(job, spec, init_path, threads, bar)
-        writer.send(None)
-    except Exception as error:  # noqa: BLE001 (the driver raises it)
-        writer.send(_portable(error))
-    finally:
-        writer.close()
-
-
-def _portable(error: Exception) -> Exception:
-    """`error` as the driver can unpickle it: a user's one-line error as it is; any other keeps its
-    type where it pickles, with the run process's traceback as a note."""
-    if not isinstance(error, WarpError):
-        error.add_note("in the run's process:\n" + "".join(traceback.format_exception(error)).rstrip())
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001
-        return WarpError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
 _PR_SET_PDEATHSIG = 1
