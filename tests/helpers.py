@@ -58,7 +58,7 @@ PROMPT_TEXTS = ["the movie", "a film", "the plot was", "it is", "the actor and",
 PROMPTS = [Prompt(text) for text in PROMPT_TEXTS]
 
 
-def good_fraction(prompts, completions):
+def good_fraction(prompts, completions, completion_ids=None):
     """An easy reward: the fraction of completion words that are 'good'."""
     return torch.tensor([sum(w == "good" for w in c.split()) / max(1, len(c.split())) for c in completions])
 

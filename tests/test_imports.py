@@ -21,7 +21,8 @@ LAYERS = {
     "runners": {"algorithm", "cpu", "config", "errors"},
     "stages": {"algorithm", "runners", "policy", "checkpoint", "config", "errors", "layout"},
     "cli": {"stages", "cpu", "checkpoint", "config", "errors", "layout"},
-    "__init__": {"config", "errors"},
+    "trainer": {"stages", "checkpoint", "config", "errors", "layout"},
+    "__init__": {"config", "errors", "trainer"},
 }
 """What each top-level module or sub-package of warp_rlhf may import, besides itself."""
 

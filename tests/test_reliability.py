@@ -90,7 +90,7 @@ def test_non_finite_policy_stops_with_a_clear_message_and_keeps_the_checkpoint(t
     config = tiny_config(tmp_path, iterations=1, runs=1, steps=6, checkpoint_every=2)
     calls = {"n": 0}
 
-    def poisoned(prompts, completions):  # after 3 steps the weights become NaN
+    def poisoned(prompts, completions, completion_ids=None):  # after 3 steps the weights become NaN
         calls["n"] += 1
         if calls["n"] == 3:
             with torch.no_grad():

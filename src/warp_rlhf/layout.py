@@ -11,6 +11,8 @@
       reinforce/                   the REINFORCE baseline (`RunFolder`), its final/ inside
       eval/                        results, completions, plots; eval/policies/<name>.json
       report.md, timings.json
+      inputs/                      the models and data `WarpTrainer` was given as objects, saved once
+      completions/step_<n>.jsonl   with `log_completions`: prompts, completions and rewards
       .warp-rlhf.lock              held by the process working in the folder
       .warp-rlhf.json              the entries above that warp-rlhf created (`OWNED_ENTRIES`)
 
@@ -31,7 +33,7 @@ MANIFEST = ".warp-rlhf.json"
 over (`stages.output`)."""
 OWNED_ENTRIES = (
     "config.yaml", "data", "reward_model", "final", "reinforce", "eval", "report.md", "timings.json", "sweep",
-    "tensorboard", "wandb",
+    "tensorboard", "wandb", "inputs", "completions",
 )  # fmt: skip
 """The top-level entries a command may write, besides `iter_<i>` (`OutputDir.entries`)."""
 
@@ -154,6 +156,15 @@ class OutputDir:
     def sweep_values(self) -> list[Path]:
         """A sweep's folders, one per value, each an output folder of its own."""
         return sorted(self.root.glob("sweep/*=*"))
+
+    @property
+    def inputs(self) -> Path:
+        """Objects given to `WarpTrainer` (models, datasets), saved under a fingerprint of what they are."""
+        return self.root / "inputs"
+
+    @property
+    def completions(self) -> Path:
+        return self.root / "completions"
 
     @property
     def report(self) -> Path:

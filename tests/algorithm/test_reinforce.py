@@ -110,7 +110,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny_policy, tmp_path, base
 def test_non_finite_reward_stops_with_a_clear_message(tiny_policy, tmp_path):
     config = tiny_config(tmp_path, iterations=1, runs=1, steps=3)
 
-    def broken(prompts, completions):
+    def broken(prompts, completions, completion_ids=None):
         return torch.full((len(completions),), float("nan"))
 
     with pytest.raises(TrainingError, match="iter 1 run 1 step 1: the reward is not finite"):

@@ -47,7 +47,7 @@ def exact_sequence_kl(policy, reference, prompt: list[int], max_new_tokens: int,
     return total
 
 
-NO_REWARD = Rewards([Reward("zero", 1.0, lambda prompts, completions: [0.0] * len(completions))])
+NO_REWARD = Rewards([Reward("zero", 1.0, lambda prompts, completions, ids=None: [0.0] * len(completions))])
 X = [Prompt("x")]
 
 

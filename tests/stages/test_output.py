@@ -168,7 +168,8 @@ def test_stale_temporaries_are_removed_and_the_users_are_kept(tiny_args, tmp_pat
     out = tmp_path / "run"
     assert main(["reward", *tiny_args, "--reward_epochs", "0.2"]) == 0
     stale = [out / "data" / ".splits.json.tmp-999999", out / ".config.yaml.tmp-999999",
-             out / "reward_model" / ".metrics.json.tmp-999999", out / "reward_model" / ".x.old-999999" / "y"]  # fmt: skip
+             out / "reward_model" / ".metrics.json.tmp-999999",
+             out / "reward_model" / ".x.old-999999" / "y"]  # fmt: skip
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{")

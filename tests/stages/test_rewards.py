@@ -179,7 +179,7 @@ def test_an_async_reward_function_is_awaited(models):
 
 
 def reward_returning(values) -> Reward:
-    return Reward("rewards.py:f", 1.0, lambda prompts, completions: values)
+    return Reward("rewards.py:f", 1.0, lambda prompts, completions, ids=None: values)
 
 
 RETURNS = {
@@ -190,7 +190,6 @@ RETURNS = {
     "an int beyond float32": ([10**39, 0], "returned 1e+39 for completion 1, which overflows float32"),
     "NaN": ([0.0, float("nan")], "returned a value that is not finite (nan) for completion 2"),
     "an infinite tensor": (torch.tensor([float("-inf"), 0.0]), "returned a value that is not finite (-inf) for"),
-    "None in the list": ([1.0, None], "returned None for completion 2, not a number"),
     "a text in the list": (["0.5", 1.0], "returned '0.5' for completion 1, not a number"),
     "None": (None, "returned None (NoneType), not a list of numbers"),
     "a dict": ({"a": 1.0}, "returned {'a': 1.0} (dict), not a list of numbers"),
@@ -201,7 +200,21 @@ RETURNS = {
 
 @pytest.mark.parametrize(("values", "message"), RETURNS.values(), ids=RETURNS.keys())
 def test_values_that_are_not_one_float32_number_per_completion_are_one_line_naming_the_reward(values, message):
-    reward = Reward("rewards.py:f", 1.0, lambda prompts, completions: values)
+    reward = Reward("rewards.py:f", 1.0, lambda prompts, completions, ids=None: values)
     with pytest.raises(RewardError) as error:
         reward(PROMPTS, COMPLETIONS)
     assert str(error.value).startswith(f"reward rewards.py:f {message}") and "\n" not in str(error.value)
+
+
+def test_none_means_the_reward_does_not_apply_and_is_left_out_of_the_sum():
+    """TRL's rule: a None in a function's output leaves that reward out of the weighted sum there."""
+    from warp_rlhf.stages.rewards import Rewards
+
+    some = Reward("rewards.py:some", 2.0, lambda prompts, completions, ids=None: [1.0, None, 3.0])
+    every = Reward("rewards.py:every", 1.0, lambda prompts, completions, ids=None: [10.0, 20.0, 30.0])
+    rewards = Rewards([some, every])
+    each = rewards.each([Prompt("x")] * 3, ["a", "b", "c"])
+    assert torch.isnan(each["some"][1]) and each["some"][[0, 2]].tolist() == [1.0, 3.0]
+    assert rewards.total(each).tolist() == [12.0, 20.0, 36.0]
+    with pytest.raises(RewardError, match="returned 2 values for 3 completions"):
+        Reward("rewards.py:f", 1.0, lambda prompts, completions, ids=None: [1.0, None])([Prompt("x")] * 3, list("abc"))

@@ -141,15 +141,15 @@ def test_a_two_label_classifier_is_scored_by_the_output_it_names(task):
 
 
 def test_rewards_add_up_with_their_weights_and_check_what_they_return():
-    double = Reward("double", 0.5, lambda prompts, completions: [2.0 * len(c) for c in completions])
-    one = Reward("one", -1.0, lambda prompts, completions: torch.ones(len(completions)))
+    double = Reward("double", 0.5, lambda prompts, completions, ids=None: [2.0 * len(c) for c in completions])
+    one = Reward("one", -1.0, lambda prompts, completions, ids=None: torch.ones(len(completions)))
     rewards = Rewards([double, one])
     total = rewards([Prompt("x"), Prompt("y")], ["ab", "abcd"])
     assert torch.equal(total, torch.tensor([0.5 * 4 - 1, 0.5 * 8 - 1]))
     with pytest.raises(TrainingError, match="reward short returned 1 values for 2 completions"):
-        Reward("short", 1.0, lambda p, c: [1.0])([Prompt("x"), Prompt("y")], ["a", "b"])
+        Reward("short", 1.0, lambda p, c, ids=None: [1.0])([Prompt("x"), Prompt("y")], ["a", "b"])
     with pytest.raises(TrainingError, match=r"reward nan returned a value that is not finite \(nan\)"):
-        Reward("nan", 1.0, lambda p, c: [float("nan")] * 2)([Prompt("x"), Prompt("y")], ["a", "b"])
+        Reward("nan", 1.0, lambda p, c, ids=None: [float("nan")] * 2)([Prompt("x"), Prompt("y")], ["a", "b"])
 
 
 @pytest.mark.parametrize("explicit", [False, True])

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import logging
 import math
 import random
 import time
@@ -58,11 +57,8 @@ class Prompt:
         return isinstance(self.raw, list)
 
 
-RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]
-"""r(x, y): (prompts, completions) → one score per completion."""
-
-
-logger = logging.getLogger("warp_rlhf")
+RewardFn = Callable[[list[Prompt], list[str], list[list[int]]], torch.Tensor]
+"""r(x, y): (prompts, completions, completion_ids) → one score per completion."""
 
 
 class TrainingError(WarpError):
@@ -334,7 +330,7 @@ class Trainer:
             )
         with clock.phase("reward"):
             try:
-                score = self.reward(prompts, pi.decode(self.tokenizer, rollout)).float()
+                score = self.reward(prompts, pi.decode(self.tokenizer, rollout), pi.token_ids(rollout)).float()
             except TrainingError as error:
                 raise TrainingError(f"{spec.name} step {step + 1}: {error}") from None
         if not torch.isfinite(score).all():

@@ -4,7 +4,7 @@ It imports nothing of warp-rlhf above it; the CPU fast paths it takes are in `wa
 """
 
 from warp_rlhf.policy.logprobs import completion_logprobs, sequence_logprobs, token_logits
-from warp_rlhf.policy.rollout import Rollout, build_rollout, decode, mean_entropy
+from warp_rlhf.policy.rollout import Rollout, build_rollout, decode, mean_entropy, token_ids
 from warp_rlhf.policy.sampling import drawing_from, encode_prompts, forked_rng, sample
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "mean_entropy",
     "sample",
     "sequence_logprobs",
+    "token_ids",
     "token_logits",
 ]

@@ -73,6 +73,13 @@ def decode(tokenizer, rollout: Rollout) -> list[str]:
     ]
 
 
+def token_ids(rollout: Rollout) -> list[list[int]]:
+    """Each completion's token ids, up to and including its EOS (TRL's `completion_ids`)."""
+    return [
+        row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+    ]
+
+
 def mean_entropy(entropy: torch.Tensor, rollout: Rollout) -> float:
     """The mean of per-token entropies (B, L) over the completion mask."""
     mask = rollout.completion_mask

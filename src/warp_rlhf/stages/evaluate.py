@@ -103,7 +103,7 @@ def sample_policy(
         k1 = pi.sequence_logprobs(logits, batch) - pi.sequence_logprobs(reference, batch)
         exact = token_kl(logits, reference, batch.completion_mask)
         completions = pi.decode(tokenizer, batch)
-        each = rewards.each(chunk, completions)
+        each = rewards.each(chunk, completions, pi.token_ids(batch))
         samples.prompts += [p.text for p in chunk]
         samples.completions += completions
         samples.reward += rewards.total(each).tolist()

@@ -191,6 +191,19 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
+def own_entry(out: Path, name: str) -> Path:
+    """Record top-level entry `name` of `out` as warp-rlhf's before writing it (`claim` records a
+    command's entries; this is for one written before the command claims the folder)."""
+    refuse_foreign(out)
+    owned = owned_entries(out) or set()
+    if name not in owned:
+        if (out / name).exists() or (out / name).is_symlink():
+            raise ConfigError(f"output_dir {out} holds {name}, which warp-rlhf did not write and would write over")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(OutputDir(out).manifest, {"entries": sorted(owned | {name})})
+    return out / name
+
+
 def claim(config: WarpConfig, out: Path, *, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()) -> None:
     """Make `out` this config's folder (module docstring): refuse another program's folder and one
     that holds an input, apply `--overwrite` to warp-rlhf's recorded entries only, check the config

@@ -43,11 +43,11 @@ from warp_rlhf.stages.models import check_loadable, context_window, load_causal_
 from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
 from warp_rlhf.stages.reward import judge_scores, train_reward_model
-from warp_rlhf.stages.rewards import Reward, build_reward, build_rewards, check_reward, needs_reward_stage
+from warp_rlhf.stages.rewards import Functions, Reward, build_reward, build_rewards, check_reward, needs_reward_stage
 from warp_rlhf.stages.tracking import Tracking, require
 
 
-def check_models(config: WarpConfig) -> None:
+def check_models(config: WarpConfig, functions: Functions | None = None) -> None:
     """Fail early, before anything is written, on models that cannot serve their role."""
     policy = model_config(assets.resolve_policy(config), "policy", trust_remote_code=config.trust_remote_code)
     architectures = getattr(policy, "architectures", None) or []
@@ -69,7 +69,7 @@ def check_models(config: WarpConfig) -> None:
         if heads and backbone.num_labels != 1:
             raise ModelError(f"reward_model {config.reward_model} gives {backbone.num_labels} scores per text, not 1")
     for spec in [*config.reward_funcs, *([config.judge] if config.judge not in {"auto", "vader", "none"} else [])]:
-        check_reward(spec, config)
+        check_reward(spec, config, functions)
     for tracker in config.report_to:
         if tracker != "none":
             require(tracker)
@@ -86,11 +86,18 @@ def _check_weights(name: str, what: str) -> None:
             raise ModelError(f"{what} {name}: {error}") from None
 
 
-def prepare_output(config: WarpConfig, *, overwrite: bool = False, config_file: str | Path | None = None) -> Path:
+def prepare_output(
+    config: WarpConfig,
+    *,
+    overwrite: bool = False,
+    config_file: str | Path | None = None,
+    functions: Functions | None = None,
+) -> Path:
     """Check the models, then claim `output_dir` for this config (`output.claim`) and save it.
-    `config_file`: the YAML file the config was read from, which the folder must not hold."""
+    `config_file`: the YAML file the config was read from, which the folder must not hold;
+    `functions`: the reward functions given as objects (`rewards.function_spec`)."""
     config.torch_device  # noqa: B018 (a device this machine lacks is refused before any work)
-    check_models(config)
+    check_models(config, functions)
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -139,12 +146,14 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
     return metrics
 
 
-def trainer_from_folders(config: WarpConfig, policy_path: str, out: str, prompts: list[Prompt]) -> Trainer:
+def trainer_from_folders(
+    config: WarpConfig, policy_path: str, out: str, prompts: list[Prompt], functions: Functions | None = None
+) -> Trainer:
     """A `Trainer` rebuilt from the policy's folder and the output folder (a run's own process)."""
     device = config.torch_device
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    rewards = build_rewards(config, Path(out), tokenizer, device)
+    rewards = build_rewards(config, Path(out), tokenizer, device, functions)
     return Trainer(config, policy, tokenizer, rewards, prompts, log_step=tracking(config, Path(out)))
 
 
@@ -166,7 +175,7 @@ def build_judge(config: WarpConfig, out: Path, tokenizer, splits: Splits) -> Jud
     return lambda prompts, completions: reward(prompts, completions).tolist()
 
 
-def _stage_inputs(config: WarpConfig, out: Path):
+def _stage_inputs(config: WarpConfig, out: Path, functions: Functions | None = None):
     """(SFT policy on its device, its tokenizer, the rewards, splits), training the reward model if needed."""
     reward_stage(config, out)
     splits = load_splits(config, out)
@@ -174,10 +183,10 @@ def _stage_inputs(config: WarpConfig, out: Path):
     policy_path = assets.resolve_policy(config)
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    return policy, tokenizer, build_rewards(config, out, tokenizer, device), splits
+    return policy, tokenizer, build_rewards(config, out, tokenizer, device, functions), splits
 
 
-def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
+def train_stage(config: WarpConfig, out: Path, *, resume: bool = False, functions: Functions | None = None) -> Path:
     """Train `config.method` (WARP, or the REINFORCE baseline); return its final policy folder."""
     paths, warp = OutputDir(out), config.method == "warp"
     final = paths.final if warp else paths.baseline_final
@@ -186,18 +195,24 @@ def train_stage(config: WarpConfig, out: Path, *, resume: bool = False) -> Path:
     started = any(out.glob("iter_*")) if warp else paths.baseline.path.exists()
     if started and not resume:
         raise ConfigError(
-            f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it, or --overwrite"
+            f"output_dir {out} holds an unfinished {config.method} run: pass --resume to continue it "
+            "(or start afresh in another output_dir)"
         )
     if warp:
         check_backend(config)
-    policy, tokenizer, reward, splits = _stage_inputs(config, out)
+    policy, tokenizer, reward, splits = _stage_inputs(config, out, functions)
     with timed(out, f"train {config.method}"), tracking(config, out) as tracked:
         trainer = None
         if config.backend == "local" or not warp:
             trainer = Trainer(config, policy, tokenizer, reward, splits.rl_prompts, log_step=tracked)
         if warp:
             factory = functools.partial(
-                trainer_from_folders, config, assets.resolve_policy(config), str(out.resolve()), splits.rl_prompts
+                trainer_from_folders,
+                config,
+                assets.resolve_policy(config),
+                str(out.resolve()),
+                splits.rl_prompts,
+                functions,
             )
             runner = make_runner(config.backend, RunJob(config, factory), trainer)
             merged, summaries = train_warp(config, model_state(policy), paths, runner)  # θ_sft, saved first
@@ -280,7 +295,7 @@ def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[s
     return points
 
 
-def evaluate_stage(config: WarpConfig, out: Path) -> dict:
+def evaluate_stage(config: WarpConfig, out: Path, functions: Functions | None = None) -> dict:
     """Evaluate every available policy on the held-out prompts; write eval/ and report.md."""
     paths = OutputDir(out)
     warp, baseline = (paths.final / "config.json").exists(), paths.baseline.done.exists()
@@ -290,7 +305,7 @@ def evaluate_stage(config: WarpConfig, out: Path) -> dict:
             "run `warp-rlhf train` (and `--method reinforce` for the baseline) first, or `warp-rlhf run`"
         )
     with timed(out, "evaluate"):
-        evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths)
+        evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths, functions)
     results = write_results(evaluated, paths.eval, out)
     report = write_report(out, dump_config(config), results)
     with tracking(config, out) as tracked:
@@ -306,11 +321,12 @@ def evaluate_points(
     out: Path,
     points: Callable[[State], list[tuple[str, dict, Callable[[], State]]]],
     cache: OutputDir,
+    functions: Functions | None = None,
 ) -> dict[str, tuple[dict, Samples]]:
     """Sample every policy of `points(θ_sft)` on the held-out prompts of `out` with the same seeds,
     scored against the SFT policy: name → (description, per-prompt values). Each policy's values
     are kept in `cache.evaluated(name)`, so an interrupted evaluation resumes."""
-    sft_model, tokenizer, rewards, splits = _stage_inputs(config, out)
+    sft_model, tokenizer, rewards, splits = _stage_inputs(config, out, functions)
     judge = build_judge(config, out, tokenizer, splits)
     sft_model.eval()
     device = next(sft_model.parameters()).device

@@ -4,20 +4,24 @@ Each entry of `reward_funcs` is one of:
 
 - `trained`: the Bradley–Terry reward model of the reward stage (`reward_model/`), the default;
 - `file.py:name` or `package.module:name`: a Python function, called as TRL calls one,
-  `f(prompts=…, completions=…, **columns) -> list[float]`, with the prompts as the dataset holds
-  them (texts, or message lists with completions as `[{"role": "assistant", "content": …}]`);
+  `f(prompts=…, completions=…, completion_ids=…, **columns) -> list[float | None]`, with the
+  prompts as the dataset holds them (texts, or message lists with completions as
+  `[{"role": "assistant", "content": …}]`); a function object given to `WarpTrainer` is the same,
+  named `<name>@<fingerprint of its code>` (`functions`);
 - a sequence-classification model (hub name or folder) used as it is: `MODEL[LABEL]` or
   `MODEL[index]` picks the output that is the reward (a one-output model needs no choice).
 
 A function may be `async def` (it is awaited, as TRL awaits one). r = Σ_k w_k r_k with
-`reward_weights` (1 each by default). Every reward's values are checked: one number per
-completion, each finite in float32, else one line naming the reward; a function that raises is
-one line naming it and its error (`RewardError`).
+`reward_weights` (1 each by default); a None in a function's output means that reward does not
+apply to that completion, and it is left out of the sum there (TRL's rule). Every reward's
+values are checked: one number (or None) per completion, each finite in float32, else one line
+naming the reward; a function that raises is one line naming it and its error (`RewardError`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -25,7 +29,7 @@ import math
 import re
 import reprlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,8 @@ from warp_rlhf.stages.reward import RewardModel, output_index
 
 TRAINED = "trained"
 _FUNCTION = re.compile(r"^(?P<where>[^\[\]]+\.py|[A-Za-z_][\w.]*):(?P<name>[A-Za-z_]\w*)$")
+_OBJECT = re.compile(r"^(?P<name>[^@]+)@(?P<fingerprint>[0-9a-f]{8,})$")
+"""A function object's spec: its name and a fingerprint of its code (`function_spec`)."""
 _MODEL = re.compile(r"^(?P<model>[^\[\]]+?)(?:\[(?P<output>[^\[\]]+)\])?$")
 _NOT_NUMBERS = (TypeError, ValueError, RuntimeError, OverflowError)  # what `torch.as_tensor` raises on them
 
@@ -55,25 +61,38 @@ class Reward:
 
     spec: str
     weight: float
-    score: Callable[[list[Prompt], list[str]], object]
+    score: Callable[..., object]  # (prompts, completions, completion_ids) → one value per completion
 
     @property
     def key(self) -> str:
         """A function's name, or a model's folder name and output: `reward_<key>_mean` in results."""
-        function = _FUNCTION.match(self.spec)
+        function = _FUNCTION.match(self.spec) or _OBJECT.match(self.spec)
         name = function["name"] if function else self.spec.rstrip("/").rsplit("/", 1)[-1]
         return re.sub(r"\W+", "_", name).strip("_").lower()
 
-    def __call__(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
-        returned = self.score(prompts, completions)
+    def __call__(
+        self, prompts: list[Prompt], completions: list[str], completion_ids: list[list[int]] | None = None
+    ) -> torch.Tensor:
+        """One value per completion, NaN where the reward said None (it does not apply there)."""
+        returned = self.score(prompts, completions, completion_ids)
+        applies = [value is not None for value in returned] if isinstance(returned, list | tuple) else []
+        if all(applies):
+            return self._check(returned, len(completions))
+        if len(returned) != len(completions):
+            raise RewardError(f"reward {self.spec} returned {len(returned)} values for {len(completions)} completions")
+        values = torch.full((len(completions),), math.nan)
+        values[torch.tensor(applies)] = self._check([v for v in returned if v is not None], sum(applies))
+        return values
+
+    def _check(self, returned, count: int) -> torch.Tensor:
         try:
             values = torch.as_tensor(returned, dtype=torch.float32).flatten()
         except _NOT_NUMBERS:
             values = None
         if values is None or not torch.isfinite(values).all():
             raise RewardError(f"reward {self.spec} returned {_not_float32(returned)}")
-        if values.numel() != len(completions):
-            raise RewardError(f"reward {self.spec} returned {values.numel()} values for {len(completions)} completions")
+        if values.numel() != count:
+            raise RewardError(f"reward {self.spec} returned {values.numel()} values for {count} completions")
         return values
 
 
@@ -109,18 +128,23 @@ class Rewards:
     def __init__(self, rewards: list[Reward]):
         self.rewards = rewards
 
-    def each(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
-        return {reward.key: reward(prompts, completions) for reward in self.rewards}
+    def each(
+        self, prompts: list[Prompt], completions: list[str], completion_ids: list[list[int]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return {reward.key: reward(prompts, completions, completion_ids) for reward in self.rewards}
 
     def total(self, each: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_k w_k r_k, each r_k left out where it is NaN (the reward said None: it does not apply)."""
         first, *rest = self.rewards
-        total = each[first.key] * first.weight
+        total = (each[first.key] * first.weight).nan_to_num(nan=0.0)
         for reward in rest:
-            total = total + each[reward.key] * reward.weight
+            total = total + (each[reward.key] * reward.weight).nan_to_num(nan=0.0)
         return total
 
-    def __call__(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
-        return self.total(self.each(prompts, completions))
+    def __call__(
+        self, prompts: list[Prompt], completions: list[str], completion_ids: list[list[int]] | None = None
+    ) -> torch.Tensor:
+        return self.total(self.each(prompts, completions, completion_ids))
 
 
 def specs(config) -> list[str]:
@@ -132,11 +156,30 @@ def needs_reward_stage(config) -> bool:
     return TRAINED in specs(config) or config.judge == TRAINED
 
 
-def build_rewards(config, out: Path, policy_tokenizer, device: str = "cpu") -> Rewards:
+Functions = Mapping[str, Callable]
+"""Function objects by their spec (`function_spec`): the rewards `WarpTrainer` was given as objects."""
+
+
+def function_spec(function: Callable) -> str:
+    """`<name>@<fingerprint>`: a function object's entry in `reward_funcs`. The fingerprint is of its
+    source (else its bytecode), so a changed function is a changed setting on resume, and the same
+    function defined again (a notebook cell run twice) is the same one."""
+    try:
+        code = inspect.getsource(function).encode()
+    except (OSError, TypeError):
+        inner = getattr(function, "__code__", None)
+        code = inner.co_code + repr(inner.co_consts).encode() if inner is not None else repr(function).encode()
+    name = getattr(function, "__name__", type(function).__name__).strip("<>") or "function"
+    return f"{name}@{hashlib.sha256(code).hexdigest()[:12]}"
+
+
+def build_rewards(
+    config, out: Path, policy_tokenizer, device: str = "cpu", functions: Functions | None = None
+) -> Rewards:
     """Every reward of `config`, loaded (models on `device`), with its weight."""
     weights = config.reward_weights or [1.0] * len(specs(config))
     rewards = [
-        Reward(spec, weight, build_reward(spec, config, out, policy_tokenizer, device))
+        Reward(spec, weight, build_reward(spec, config, out, policy_tokenizer, device, functions))
         for spec, weight in zip(specs(config), weights, strict=True)
     ]
     keys = [reward.key for reward in rewards]
@@ -145,8 +188,13 @@ def build_rewards(config, out: Path, policy_tokenizer, device: str = "cpu") -> R
     return Rewards(rewards)
 
 
-def build_reward(spec: str, config, out: Path, policy_tokenizer, device: str = "cpu"):
-    """r_k(prompts, completions) for one entry of `reward_funcs` (or of `judge`)."""
+def build_reward(
+    spec: str, config, out: Path, policy_tokenizer, device: str = "cpu", functions: Functions | None = None
+):
+    """r_k(prompts, completions, completion_ids) for one entry of `reward_funcs` (or of `judge`)."""
+    functions = functions or {}
+    if spec in functions:
+        return _function_reward(functions[spec], _OBJECT.match(spec)["name"] if _OBJECT.match(spec) else spec)
     if spec == TRAINED:
         return _model_reward(RewardModel.from_pretrained(OutputDir(out).reward_model, device=device), policy_tokenizer)
     function = _FUNCTION.match(spec)
@@ -163,7 +211,7 @@ def build_reward(spec: str, config, out: Path, policy_tokenizer, device: str = "
 
 
 def _model_reward(scorer: RewardModel, policy_tokenizer):
-    def score(prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
+    def score(prompts: list[Prompt], completions: list[str], completion_ids=None) -> torch.Tensor:
         tokenizers = [scorer.tokenizer, policy_tokenizer]
         return scorer.score([scored_text(p, c, tokenizers) for p, c in zip(prompts, completions, strict=True)])
 
@@ -174,13 +222,13 @@ def _function_reward(function: Callable, spec: str):
     """Call `function` as TRL does (awaited when it is `async def`); an error it raises becomes a
     one-line `RewardError` naming it, never a traceback."""
 
-    def score(prompts: list[Prompt], completions: list[str]):
+    def score(prompts: list[Prompt], completions: list[str], completion_ids: list[list[int]] | None = None):
         conversational = any(p.conversational for p in prompts)
         columns = {name: [p.columns.get(name) for p in prompts] for name in (prompts[0].columns if prompts else {})}
         shown = [p.raw if p.conversational else p.text for p in prompts]
         given = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
         try:
-            values = function(prompts=shown, completions=given, **columns)
+            values = function(prompts=shown, completions=given, completion_ids=completion_ids, **columns)
             return asyncio.run(values) if inspect.iscoroutine(values) else values
         except Exception as error:  # the user's code: any error is theirs to fix, in one line
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
@@ -218,12 +266,14 @@ def load_function(where: str, name: str) -> Callable:
     return function
 
 
-def check_reward(spec: str, config) -> None:
+def check_reward(spec: str, config, functions: Functions | None = None) -> None:
     """Fail in one line before any work on a reward that cannot be built: a missing file or
     function, a model that is not there, an output it does not have or a choice it needs, weights
     that are not safetensors, a tokenizer that reads no text."""
-    if spec == TRAINED:
+    if spec == TRAINED or spec in (functions or {}):
         return
+    if _OBJECT.match(spec):
+        raise ConfigError(f"reward {spec} is a function object that was not given: pass it in reward_funcs")
     function = _FUNCTION.match(spec)
     if function:
         load_function(function["where"], function["name"])
