@@ -153,7 +153,7 @@ def _sweep(config: WarpConfig, args: argparse.Namespace) -> int:
     from warp_rlhf.stages.sweep import run_sweep
 
     values = [v.strip() for v in args.values.split(",") if v.strip()]
-    rows = run_sweep(config, args.param, values, overwrite=args.overwrite)
+    rows = run_sweep(config, args.param, values, overwrite=args.overwrite, config_file=args.config)
     for row in rows:
         print(
             f"{args.param}={row['value']:<10} reward {row['reward_mean']:.3f} ± {row['reward_se']:.3f}   "

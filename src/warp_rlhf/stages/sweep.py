@@ -84,11 +84,13 @@ def check_sweep(configs: list[tuple[str, WarpConfig]], *, overwrite: bool) -> No
             check_compatible(sub, out)
 
 
-def run_sweep(config: WarpConfig, param: str, values: list[str], *, overwrite: bool = False) -> list[dict]:
+def run_sweep(
+    config: WarpConfig, param: str, values: list[str], *, overwrite: bool = False, config_file: str | None = None
+) -> list[dict]:
     """Train + evaluate per value; returns one summary row per value."""
     configs = sweep_configs(config, param, values)
     check_sweep(configs, overwrite=overwrite)
-    parent = prepare_output(config, overwrite=overwrite)
+    parent = prepare_output(config, overwrite=overwrite, config_file=config_file)
     shared = param not in REWARD_FIELDS  # then the splits and the reward model are the same for every value
     if shared:
         reward_stage(config, parent)
