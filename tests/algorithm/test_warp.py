@@ -104,11 +104,18 @@ def test_resume_after_interruption_is_bitwise_equal_and_skips_finished_runs(tiny
         assert torch.equal(resumed[name], tensor), name
 
 
-def test_train_command_refuses_an_unfinished_run_without_resume(tiny_args, tmp_path, capsys):
+def test_train_command_refuses_an_unfinished_run_without_resume(tiny_args, tmp_path, capsys, monkeypatch):
+    from warp_rlhf.algorithm.reinforce import TrainingError
     from warp_rlhf.cli import main
 
+    def fail(*_):
+        raise TrainingError("the loss is not finite")
+
     args = ["train", *tiny_args, "--steps", "2", "--batch_size", "4", "--iterations", "1", "--reward_epochs", "0.2"]
-    (tmp_path / "run" / "iter_1" / "run_1").mkdir(parents=True)
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(Trainer, "step", fail)
+        main(args)  # an unfinished run: iter_1/run_1 begun
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 2 and "unfinished warp run: pass --resume" in capsys.readouterr().err
