@@ -11,12 +11,13 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from warp_rlhf.config import FIELDS, WarpConfig, load_config, unknown_field
+from warp_rlhf.config import FIELDS, WarpConfig, config_to_dict, load_config, unknown_field
 from warp_rlhf.errors import ConfigError, WarpError
 from warp_rlhf.layout import OutputDir
 
@@ -29,7 +30,10 @@ COMMANDS = {
     "demo": "`run` on the embedded default (SmolLM2-135M, MiniLM reward, IMDB reviews)",
     "sweep": "train + evaluate for each value of one field",
     "experiment": "the paper's claims at matched KL, from an experiment file (experiments/paper.yaml)",
+    "compare": "evaluated output folders against the first at matched KL: figure, table, verdict",
 }
+COMPARE_DIR = "compare"
+"""Where `compare` writes its figure and tables unless --output_dir says otherwise."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        if name == "compare":
+            sub.add_argument("runs", nargs="+", metavar="RUN", help="an evaluated output folder (two or more)")
+            sub.add_argument("--output_dir", default=COMPARE_DIR, help=f"folder of the results (default {COMPARE_DIR})")
+            continue
         sub.add_argument("--config", help="YAML file of field: value (default: the embedded default)")
         sub.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         sub.add_argument("--overwrite", action="store_true", help="delete output_dir's earlier run first")
@@ -103,18 +111,27 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
         raise ConfigError("evaluate reads what the folder holds: --overwrite would delete it first")
     out = prepare_output(config, overwrite=args.overwrite, config_file=args.config)
     results = evaluate_stage(config, out)
-    print(results_table(results["policies"]))
+    print(results_table(results["policies"], config_to_dict(config)))
     if "matched_kl" in results:
-        matched = results["matched_kl"]
-        cells = ", ".join(f"{d['difference']:+.3f} ± {d['se']:.3f} at KL {d['kl']:.1f}" for d in matched["differences"])
-        print(f"{matched['a']} − {matched['b']}, reward at matched KL: {cells} ({matched['verdict']})")
+        print(matched_line(results["matched_kl"]))
     print(f"results, completions and plots → {OutputDir(out).eval}; report → {OutputDir(out).report}")
     return 0
 
 
-def results_table(policies: dict) -> str:
-    """SFT, WARP and the baseline's last point as an aligned text table."""
+def matched_line(matched: dict) -> str:
+    """A − B at matched KL (`compare`), each difference ± s.e., and the verdict, in one line."""
+    from warp_rlhf.stages.plots import number
+
+    cells = ", ".join(f"{d['difference']:+.3f} ± {d['se']:.3f} at KL {number(d['kl'])}" for d in matched["differences"])
+    return f"{matched['a']} − {matched['b']}, reward at matched KL: {cells} ({matched['verdict']})"
+
+
+def results_table(policies: dict, settings: dict | None = None) -> str:
+    """SFT, WARP and the baseline's last point as an aligned text table, and a line saying so when a
+    trained policy did not move from SFT (`report.unmoved_note`; `settings`: the config's values)."""
+    from warp_rlhf.stages.compare import Difference
     from warp_rlhf.stages.plots import cell
+    from warp_rlhf.stages.report import unmoved_note
 
     rows = [name for name in policies if policies[name]["kind"] in {"sft"} or name == "warp"]
     baseline = [name for name in policies if policies[name]["kind"] == "reinforce"]
@@ -127,10 +144,9 @@ def results_table(policies: dict) -> str:
     if "sft" in policies and "warp" in policies:
         sft, warp = policies["sft"], policies["warp"]
         gap, se = warp["reward_mean"] - sft["reward_mean"], (warp["reward_se"] ** 2 + sft["reward_se"] ** 2) ** 0.5
-        lines.append(
-            f"WARP − SFT reward: {gap:.3f} ± {se:.3f} ({gap / se if se else float('inf'):.1f} standard errors)"
-        )
-    return "\n".join(lines)
+        lines.append(f"WARP − SFT reward: {gap:.3f} ± {se:.3f} ({Difference(0.0, gap, se).z:.1f} standard errors)")
+    unmoved = unmoved_note(policies, settings or {})
+    return "\n".join([*lines, unmoved] if unmoved else lines)
 
 
 def _run(config: WarpConfig, args: argparse.Namespace) -> int:
@@ -179,6 +195,20 @@ def _experiment(args: argparse.Namespace, extra: list[str]) -> int:
         results = run_experiment(experiment)
     print(claims_table(results))
     print(f"results and figures → {experiment.report_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, extra: list[str]) -> int:
+    """Compare evaluated output folders (`stages.compare_runs`); it reads them and writes only to --output_dir."""
+    from warp_rlhf.stages.compare_runs import compare_runs, write_comparison
+
+    if extra:
+        raise ConfigError(f"compare takes output folders and --output_dir only, not '{extra[0]}'")
+    results = compare_runs([Path(run) for run in args.runs])
+    write_comparison(results, Path(args.output_dir))
+    for comparison in results["comparisons"]:
+        print(matched_line(comparison))
+    print(f"figure and tables → {Path(args.output_dir) / 'reward_vs_kl.png'}, {Path(args.output_dir) / 'compare.md'}")
     return 0
 
 
@@ -231,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "experiment":
             return _experiment(args, extra)
-        config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo")
+        if args.command == "compare":
+            return _compare(args, extra)
+        config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo", resume=args.resume)
         out = Path(config.output_dir)
         from warp_rlhf.cpu import keep_freed_memory
         from warp_rlhf.stages.output import owned, progress_summary
@@ -242,16 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             return HANDLERS[args.command](config, args)
     except WarpError as error:
         _release()
-        _fail(str(error) + _kept(out, before, args.command))
+        _fail(str(error) + _kept(out, before, args))
     except OSError as error:
         if error.errno not in WRITE_ERRORS:
             raise
         _release()
-        _fail(_write_error(error) + _kept(out, None, args.command))
+        _fail(_write_error(error) + _kept(out, None, args))
     except (KeyboardInterrupt, Terminated) as stop:
         _release()
         what = "interrupted (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "stopped (SIGTERM)"
-        print(f"warp-rlhf: {what} during `{args.command}`{_kept(out, None, args.command)}", file=sys.stderr)
+        print(f"warp-rlhf: {what} during `{args.command}`{_kept(out, None, args)}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -278,14 +310,17 @@ def _write_error(error: OSError) -> str:
     return f"cannot access{path or ' a file'}: {error.strerror or error}"
 
 
-def _kept(out: Path | None, before: str | None, command: str) -> str:
+def _kept(out: Path | None, before: str | None, args: argparse.Namespace) -> str:
     """Where the finished work is and how to go on, when the command got that far (its progress
-    is not what it was when it started, `before`)."""
+    is not what it was when it started, `before`): the command with `--resume`, which reads the
+    config saved in the folder, so no other flag is needed."""
     from warp_rlhf.stages.output import has_progress, progress_summary
 
     if out is None or not out.is_dir() or not has_progress(out) or progress_summary(out) == before:
         return ""
-    return f"; kept in {out}: {progress_summary(out)} (continue with `warp-rlhf {command} ... --resume`)"
+    swept = f" --param {args.param} --values {shlex.quote(args.values)}" if args.command == "sweep" else ""
+    again = f"warp-rlhf {args.command} --output_dir {shlex.quote(str(out))}{swept} --resume"
+    return f"; kept in {out}: {progress_summary(out)} (continue with `{again}`)"
 
 
 if __name__ == "__main__":

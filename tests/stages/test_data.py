@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import shutil
@@ -231,3 +232,67 @@ def test_a_column_name_with_a_byte_order_mark_is_shown_as_it_is(tmp_path):
     spaced.write_text(spaced.read_text().replace("text,label", " text,label", 1))
     with pytest.raises(DataError, match=r"has no column 'text' \(columns: ' text', label\); ' text' has spaces"):
         load_reviews(WarpConfig(dataset=str(spaced)))
+
+
+def prompt_file(path, n: int):
+    path.write_text("".join(json.dumps({"prompt": f"the movie {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_prompt_file_smaller_than_asked_is_cut_in_half_and_says_so(tmp_path, monkeypatch):
+    """120 prompts, eval_prompts 200 and rl_prompts 2000 (the defaults): 60 held out, 60 trained on,
+    and one line says so, and why, before any training."""
+    from warp_rlhf.stages import data
+
+    said = []
+    monkeypatch.setattr(data.logger, "warning", said.append)
+    config = WarpConfig(dataset=str(prompt_file(tmp_path / "p.jsonl", 120)), max_new_tokens=4)
+    splits = make_splits(config, [make_tokenizer()], pairs=False)
+    assert (len(splits.rl_prompts), len(splits.eval_prompts)) == (60, 60)
+    assert said == [
+        "60 prompts to train on, 60 held out (eval_prompts=200 is more than half of the 120 prompts; "
+        "rl_prompts=2000 is more than the 60 left to train on)"
+    ]
+    assert data.read_splits(json.loads(json.dumps(dataclasses.asdict(splits)))).usage() == said[0]
+
+
+def test_splits_as_asked_are_not_announced(tmp_path, monkeypatch):
+    from warp_rlhf.stages import data
+
+    said = []
+    monkeypatch.setattr(data.logger, "warning", said.append)
+    config = WarpConfig(dataset=str(prompt_file(tmp_path / "p.jsonl", 40)), rl_prompts=20, eval_prompts=10)
+    splits = make_splits(config, [make_tokenizer()], pairs=False)
+    assert said == [] and splits.usage() == "20 prompts to train on, 10 held out"
+
+
+def test_a_short_held_out_dataset_is_named(tmp_path, monkeypatch):
+    from warp_rlhf.stages import data
+
+    said = []
+    monkeypatch.setattr(data.logger, "warning", said.append)
+    held_out = prompt_file(tmp_path / "held.jsonl", 5)
+    config = WarpConfig(dataset=str(prompt_file(tmp_path / "p.jsonl", 40)), eval_dataset=str(held_out), rl_prompts=30)
+    splits = make_splits(config, [make_tokenizer()], pairs=False)
+    assert (len(splits.rl_prompts), len(splits.eval_prompts)) == (30, 5)
+    why = f"{held_out} has 5 held-out prompts, fewer than eval_prompts=200"
+    assert said == [f"30 prompts to train on, 5 held out ({why})"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda path: dict(dataset=str(prompt_file(path / "p.jsonl", 2))),
+         "1 prompt to train on, 1 held out (eval_prompts=200 is more than half of the 2 prompts; rl_prompts=2000 "
+         "is more than the 1 left to train on): at least 2 prompts are needed to train on"),
+        (lambda path: dict(dataset=str(write_reviews_csv(path / "r.csv", 100)), rl_prompts=1, eval_prompts=5,
+                           reward_train_pairs=10, reward_eval_pairs=5),
+         "1 prompt to train on, 5 held out; 10 reward pairs to train on, 5 held out: at least 2 prompts are needed"),
+    ],
+    ids=["a file of two prompts", "rl_prompts 1"],
+)  # fmt: skip
+def test_fewer_than_two_prompts_to_train_on_is_refused(tmp_path, setup, message):
+    config = WarpConfig(max_new_tokens=4, **setup(tmp_path))
+    with pytest.raises(DataError, match=re.escape(message)) as error:
+        make_splits(config, [make_tokenizer()], pairs=config.dataset.endswith(".csv"))
+    assert "\n" not in str(error.value)

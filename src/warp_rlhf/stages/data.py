@@ -15,6 +15,7 @@ All splits are cut after a seeded shuffle and are disjoint.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _NEGATIVE = {0, "0", "neg", "negative"}
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
 _BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 byte-order mark: what an empty text file holds
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +49,18 @@ class Splits:
     rl_prompts: list[Prompt]
     eval_prompts: list[Prompt]
     kind: str = "reviews"  # or "prompts": what `dataset` held
+    cuts: str = ""  # why fewer prompts or pairs than asked were used; "" where none were
+
+    def usage(self) -> str:
+        """What the splits hold, in one line, with why it is fewer than asked where it is."""
+        line = f"{_count(len(self.rl_prompts), 'prompt')} to train on, {len(self.eval_prompts)} held out"
+        if self.reward_train:
+            line += f"; {_count(len(self.reward_train), 'reward pair')} to train on, {len(self.reward_eval)} held out"
+        return line + (f" ({self.cuts})" if self.cuts else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def clean(text: str) -> str:
@@ -261,14 +275,16 @@ def make_splits(config: WarpConfig, tokenizers: list, *, pairs: bool, window: in
     columns = table.column_names
     if config.prompt_column in columns:
         prompts = prompt_rows(table, config, policy_tokenizer, config.dataset)
-        rl, held_out = split_prompts(prompts, _held_out(config, policy_tokenizer), config)
+        held_out, cuts = _held_out(config, policy_tokenizer)
+        rl, held_out, split_cuts = split_prompts(prompts, held_out, config)
+        cuts += split_cuts
         splits = Splits([], [], rl, held_out, kind="prompts")
         _check_lengths(rl + held_out, policy_tokenizer, config, window)
     elif config.text_column in columns or config.label_column in columns:  # reviews; `load_reviews` names a gap
         splits = split_reviews(load_reviews(config, table), config, policy_tokenizer, pairs=pairs)
-        held_out = _held_out(config, policy_tokenizer)
+        held_out, cuts = _held_out(config, policy_tokenizer)
         if held_out is not None:
-            splits.eval_prompts = held_out[: config.eval_prompts]
+            splits.eval_prompts = held_out
     else:
         raise missing_column(
             f"dataset {config.dataset} has neither a '{config.prompt_column}' column (prompts) nor "
@@ -286,9 +302,15 @@ def make_splits(config: WarpConfig, tokenizers: list, *, pairs: bool, window: in
                 "give reward_funcs, or a reward_dataset with chosen and rejected columns"
             )
         name = config.reward_dataset or config.dataset
-        splits.reward_train, splits.reward_eval = split_pairs(
+        splits.reward_train, splits.reward_eval, pair_cuts = split_pairs(
             preference_pairs(source, config, tokenizers, name), config
         )
+        cuts += pair_cuts
+    splits.cuts = "; ".join(cuts)
+    if len(splits.rl_prompts) < 2:
+        raise DataError(f"dataset {config.dataset}: {splits.usage()}: at least 2 prompts are needed to train on")
+    if cuts:
+        logger.warning(splits.usage())  # said before any training: no part of the data is left out silently
     return splits
 
 
@@ -305,10 +327,11 @@ def _check_lengths(prompts: list[Prompt], tokenizer, config: WarpConfig, window:
         )
 
 
-def _held_out(config: WarpConfig, tokenizer) -> list[Prompt] | None:
-    """The held-out prompts of `eval_dataset` (or of `eval_split` of `dataset`), when one is given."""
+def _held_out(config: WarpConfig, tokenizer) -> tuple[list[Prompt] | None, list[str]]:
+    """The held-out prompts of `eval_dataset` (or of `eval_split` of `dataset`), when one is given:
+    its first `eval_prompts`, and why they are fewer where they are."""
     if config.eval_dataset is None and config.eval_split is None:
-        return None
+        return None, []
     name = config.eval_dataset or config.dataset
     table = load_table(name, config.eval_split or config.dataset_split)
     if config.prompt_column not in table.column_names:
@@ -317,7 +340,9 @@ def _held_out(config: WarpConfig, tokenizer) -> list[Prompt] | None:
             [config.prompt_column],
             table.column_names,
         )
-    return prompt_rows(table, config, tokenizer, name)
+    prompts = prompt_rows(table, config, tokenizer, name)
+    why = [f"{name} has {len(prompts)} held-out prompts, fewer than eval_prompts={config.eval_prompts}"]
+    return prompts[: config.eval_prompts], why if len(prompts) < config.eval_prompts else []
 
 
 def read_splits(data: dict) -> Splits:
@@ -326,4 +351,4 @@ def read_splits(data: dict) -> Splits:
         k: [Prompt(**p) if isinstance(p, dict) else Prompt(p) for p in data[k]] for k in ("rl_prompts", "eval_prompts")
     }
     pairs = {k: [tuple(p) for p in data[k]] for k in ("reward_train", "reward_eval")}
-    return Splits(**pairs, **prompts, kind=data.get("kind", "reviews"))
+    return Splits(**pairs, **prompts, kind=data.get("kind", "reviews"), cuts=data.get("cuts", ""))

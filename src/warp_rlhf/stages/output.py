@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from warp_rlhf.checkpoint import read_json, write_json
-from warp_rlhf.config import EMBEDDED, WarpConfig, config_to_dict, fields_affecting, read_yaml
+from warp_rlhf.config import EMBEDDED, WarpConfig, config_to_dict, fields_affecting, read_yaml, resolve_paths
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import LOCK_FILE, MANIFEST, OutputDir
 
@@ -88,7 +88,7 @@ def check_compatible(config: WarpConfig, out: Path) -> None:
     saved = OutputDir(out).config
     if not saved.exists():
         return
-    previous, current = read_yaml(saved), config_to_dict(config)
+    previous, current = resolve_paths(read_yaml(saved)), config_to_dict(config)  # both with absolute paths
     changed = [name for name, value in current.items() if name in previous and previous[name] != value]
     for piece, fields in finished_work(out).items():
         clash = [name for name in changed if name in fields]

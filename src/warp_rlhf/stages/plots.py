@@ -26,11 +26,16 @@ KL_LABEL = "KL(π ‖ π_sft) per sequence, exact-per-token estimator (nats)"
 """The x-axis of every reward-against-KL figure."""
 
 
+def number(value: float) -> str:
+    """Three decimals, or two significant digits below 0.01, so that a small KL never reads 0.000."""
+    return f"{value:.2g}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
+
+
 def cell(row: dict, metric: str) -> str:
     """`mean ± s.e.` of a metric of a results row, or — where the row has none (no judge)."""
     if f"{metric}_mean" not in row:
         return "—"
-    return f"{row[metric + '_mean']:.3f} ± {row[metric + '_se']:.3f}"
+    return f"{number(row[metric + '_mean'])} ± {number(row[metric + '_se'])}"
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -63,7 +68,7 @@ def front_figure(policies: dict, metric: str, label: str) -> Figure:
         "reinforce": dict(fmt="--^", color="tab:blue", label="REINFORCE baseline (trajectory)"),
         "sft": dict(fmt="*", color="black", markersize=14, label="SFT policy"),
     }
-    sft = policies.get("sft")
+    sft, tags = policies.get("sft"), []
     for kind, style in styles.items():
         x, y, xerr, yerr, names = _points(policies, kind, metric)
         if kind in {"liti", "reinforce"} and sft and x:  # drawn from the SFT point, which the star names
@@ -72,9 +77,48 @@ def front_figure(policies: dict, metric: str, label: str) -> Figure:
         if x:
             axes.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, **style)
         if kind != "sft":
-            for xi, yi, name in zip(x, y, names, strict=True):
-                tag = name.replace("liti_", "ν=").replace("reinforce_", "step ").replace("iter_", "iteration ")
-                axes.annotate(tag, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
+            tags += [(xi, yi, _tag(name)) for xi, yi, name in zip(x, y, names, strict=True) if name]
+    for xi, yi, tag in apart(tags):
+        axes.annotate(tag, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    axes.set_xlabel(KL_LABEL)
+    axes.set_ylabel(label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    return figure
+
+
+def _tag(name: str) -> str:
+    return name.replace("liti_", "ν=").replace("reinforce_", "step ").replace("iter_", "iteration ")
+
+
+LABEL_ROOM = (0.1, 0.05)
+"""The width and height, as fractions of the data's x and y ranges, that a point's label takes."""
+
+
+def apart(tags: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The labels that overlap no other, each curve's last point first (the end of the front, the
+    last step): a label that would fall on one already kept is left out, its point still drawn."""
+    if not tags:
+        return []
+    xs, ys = [x for x, _, _ in tags], [y for _, y, _ in tags]
+    width, height = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    kept: list[tuple[float, float, str]] = []
+    for x, y, tag in reversed(tags):
+        if all(abs(x - kx) >= LABEL_ROOM[0] * width or abs(y - ky) >= LABEL_ROOM[1] * height for kx, ky, _ in kept):
+            kept.append((x, y, tag))
+    return kept
+
+
+def curves_figure(curves: dict[str, list[dict]], label: str) -> Figure:
+    """Reward against KL(π ‖ π_sft), ± s.e. on both, one line per curve (results rows, in order)."""
+    figure = Figure(figsize=(6.4, 4.6))
+    axes = figure.subplots()
+    for name, rows in curves.items():
+        axes.errorbar(
+            [r["kl_exact_mean"] for r in rows], [r["reward_mean"] for r in rows],
+            xerr=[r["kl_exact_se"] for r in rows], yerr=[r["reward_se"] for r in rows],
+            fmt="-o", capsize=3, label=name,
+        )  # fmt: skip
     axes.set_xlabel(KL_LABEL)
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
@@ -87,11 +131,19 @@ def plot_front(policies: dict, metric: str, label: str, path: Path) -> None:
 
 
 def plot_training_curves(out: Path, path: Path) -> None:
-    """Reward and KL to the anchor over steps, one line per run (and the baseline)."""
+    """`training_curves_figure` saved to `path`, where a run has logged a step."""
+    figure = training_curves_figure(out)
+    if figure is not None:
+        save_figure(figure, path)
+
+
+def training_curves_figure(out: Path) -> Figure | None:
+    """Reward (the total r, however many rewards make it) and KL to the anchor over steps, one line
+    per run (and the baseline); None before any step."""
     paths = OutputDir(out)
     logs = [run.metrics for run in [*paths.runs(), paths.baseline] if run.metrics.exists()]
     if not logs:
-        return
+        return None
     figure = Figure(figsize=(6.4, 6.4))
     top, bottom = figure.subplots(2, 1, sharex=True)
     for log in logs:
@@ -100,13 +152,13 @@ def plot_training_curves(out: Path, path: Path) -> None:
         steps = [r["step"] for r in rows]
         top.plot(steps, [r["reward_mean"] for r in rows], label=name)
         bottom.plot(steps, [r["kl_to_anchor"] for r in rows], label=name)
-    top.set_ylabel("mean reward-model score")
+    top.set_ylabel("mean reward r(x, y) of the batch")
     bottom.set_ylabel("KL to anchor, k1 (nats)")
     bottom.set_xlabel("step within the run")
     for axes in (top, bottom):
         axes.grid(alpha=0.3)
     top.legend(fontsize=8)
-    save_figure(figure, path)
+    return figure
 
 
 def plot_results(policies: dict, folder: Path, out: Path) -> None:

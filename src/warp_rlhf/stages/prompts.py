@@ -112,19 +112,25 @@ def prompt_rows(table, config: WarpConfig, tokenizer, name: str) -> list[Prompt]
     return prompts
 
 
-def split_prompts(prompts: list[Prompt], held_out: list[Prompt] | None, config: WarpConfig) -> tuple[list, list]:
-    """(RL prompts, held-out prompts): after a seeded shuffle, `eval_prompts` held out (from
-    `held_out` when another dataset gives them), then at most `rl_prompts` to train on."""
+def split_prompts(
+    prompts: list[Prompt], held_out: list[Prompt] | None, config: WarpConfig
+) -> tuple[list, list, list[str]]:
+    """(RL prompts, held-out prompts, why fewer than asked): after a seeded shuffle, `eval_prompts`
+    held out (half the prompts at most), or `held_out` when another dataset gives them, then at
+    most `rl_prompts` of the rest to train on. Each cut is said in words, never made silently."""
     order = list(range(len(prompts)))
     random.Random(config.seed).shuffle(order)
+    why = []
     if held_out is None:
         if len(order) < 2:
             raise DataError(f"dataset {config.dataset} has {len(order)} prompt: too few to hold any out")
         n_eval = min(config.eval_prompts, len(order) // 2)
+        if n_eval < config.eval_prompts:
+            why.append(f"eval_prompts={config.eval_prompts} is more than half of the {len(order)} prompts")
         held_out, order = [prompts[i] for i in order[:n_eval]], order[n_eval:]
-    else:
-        held_out = held_out[: config.eval_prompts]
-    return [prompts[i] for i in order[: config.rl_prompts]], held_out
+    if len(order) < config.rl_prompts:
+        why.append(f"rl_prompts={config.rl_prompts} is more than the {len(order)} left to train on")
+    return [prompts[i] for i in order[: config.rl_prompts]], held_out, why
 
 
 def preference_pairs(table, config: WarpConfig, tokenizers: list, name: str) -> list[tuple[str, str]]:
@@ -156,13 +162,20 @@ def preference_pairs(table, config: WarpConfig, tokenizers: list, name: str) -> 
     return pairs
 
 
-def split_pairs(pairs: list[tuple[str, str]], config: WarpConfig) -> tuple[list, list]:
-    """(train, held-out) pairs after a seeded shuffle: `reward_eval_pairs` held out (a tenth of
-    them at most) and at most `reward_train_pairs` to train on."""
+def split_pairs(pairs: list[tuple[str, str]], config: WarpConfig) -> tuple[list, list, list[str]]:
+    """(train, held-out, why fewer than asked) pairs after a seeded shuffle: `reward_eval_pairs`
+    held out (a tenth of them at most, 1 at least) and at most `reward_train_pairs` to train on."""
     order = list(range(len(pairs)))
     random.Random(config.seed).shuffle(order)
     n_eval = max(1, min(config.reward_eval_pairs, len(order) // 10))
+    why = []
+    if n_eval < config.reward_eval_pairs:
+        why.append(f"reward_eval_pairs={config.reward_eval_pairs} is more than a tenth of the {len(order)} pairs")
+    left = len(order) - n_eval
+    if left < config.reward_train_pairs:
+        why.append(f"reward_train_pairs={config.reward_train_pairs} is more than the {left} left to train on")
     return (
         [pairs[i] for i in order[n_eval : n_eval + config.reward_train_pairs]],
         [pairs[i] for i in order[:n_eval]],
+        why,
     )

@@ -8,9 +8,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.layout import OutputDir
-from warp_rlhf.stages.plots import cell, reward_metrics
+from warp_rlhf.stages.data import read_splits
+from warp_rlhf.stages.plots import cell, number, reward_metrics
+
+UNMOVED_KL = 0.01
+"""KL(π ‖ π_sft) per sequence, in nats, below which a trained policy is still the SFT policy."""
+STEP_SIZE = ("learning_rate", "steps", "beta")
+"""The fields that set how far a policy moves from the SFT policy (`steps`: T, per WARP run)."""
 
 
 @contextmanager
@@ -70,10 +78,41 @@ def sample_completions(eval_dir: Path, policies: dict) -> str:
     return "\n".join(lines)
 
 
+def trained_ends(policies: dict) -> dict[str, dict]:
+    """The trained policies' end points: WARP's θ_slerp^I (`warp`) and the baseline's last step."""
+    ends = {name: row for name, row in policies.items() if name == "warp"}
+    trajectory = sorted((row.get("step", 0), name) for name, row in policies.items() if row["kind"] == "reinforce")
+    if trajectory:
+        ends[trajectory[-1][1]] = policies[trajectory[-1][1]]
+    return ends
+
+
+def unmoved_note(policies: dict, settings: dict) -> str:
+    """One line where a trained policy ended within `UNMOVED_KL` of the SFT policy, naming the
+    fields that set the step size with their values (`settings`: the config); "" otherwise. Such a
+    policy's reward is the SFT policy's, and a table of zeros alone would not say why."""
+    still = {name: row["kl_exact_mean"] for name, row in trained_ends(policies).items()}
+    still = {name: kl for name, kl in still.items() if kl < UNMOVED_KL}
+    if not still:
+        return ""
+    kls = ", ".join(f"{name} {kl:.2g}" for name, kl in still.items())
+    fields = ", ".join(f"{name}={settings[name]}" for name in STEP_SIZE if name in settings)
+    return (
+        f"Nothing moved: KL to the SFT policy is below {UNMOVED_KL} nats ({kls}), so the rewards are the SFT "
+        f"policy's; the step size is set by {fields} (raise learning_rate or steps, or lower beta)."
+    )
+
+
+def data_usage(out: Path) -> str:
+    """The splits of `out` in one line (`data.Splits.usage`), "" where there are none."""
+    path = OutputDir(out).splits
+    return f"Data: {read_splits(read_json(path)).usage()}." if path.exists() else ""
+
+
 def matched_kl_markdown(matched: dict) -> str:
     """The table of `compare.front_against_trajectory`: reward differences at matched KL."""
     lines = [
-        f"## {matched['a']} against the {matched['b']} at matched KL",
+        f"## {matched['a']} against {matched['b']} at matched KL",
         "",
         f"Reward of the first minus the second, each interpolated linearly in KL (exact estimator) between "
         f"its evaluated points, never extrapolated; standard errors by {matched['se']}. Verdict: "
@@ -82,9 +121,8 @@ def matched_kl_markdown(matched: dict) -> str:
         "| KL (nats) | reward difference | s.e. | z |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {d['kl']:.2f} | {d['difference']:+.3f} | {d['se']:.3f} | {d['z']:+.1f} |" for d in matched["differences"]
-    ]
+    for d in matched["differences"]:
+        lines.append(f"| {number(d['kl'])} | {d['difference']:+.3f} | {d['se']:.3f} | {d['z']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,9 +140,12 @@ def write_report(out: Path, config_text: str, results: dict, extra_sections: str
     trained = OutputDir(out).reward_metrics
     accuracy = read_json(trained)["eval_pairwise_accuracy"] if trained.exists() else None
     about_reward = f"Reward model: held-out pairwise accuracy {accuracy:.3f}." if accuracy is not None else ""
+    unmoved = unmoved_note(policies, yaml.safe_load(config_text) or {})
+    unmoved = f"\n{unmoved}\n" if unmoved else ""
     text = f"""# warp-rlhf report
 
 {about_reward}
+{data_usage(out)}
 Policies sampled on the same {next(iter(policies.values()))["n_prompts"]} held-out prompts with the same
 seeds; mean ± standard error over prompts. KL is KL(π ‖ π_sft) per sequence; plots use the
 exact-per-token estimator.
@@ -112,7 +153,7 @@ exact-per-token estimator.
 ## Results
 
 {results_markdown(policies)}
-
+{unmoved}
 ## Plots
 
 {figures}
