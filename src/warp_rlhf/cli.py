@@ -79,6 +79,7 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
 
 def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
     from warp_rlhf.stages.pipeline import prepare_output, reward_stage
+    from warp_rlhf.stages.reward import reward_details
 
     out = prepare_output(config, overwrite=args.overwrite, config_file=args.config)
     metrics = reward_stage(config, out)
@@ -88,7 +89,7 @@ def _reward(config: WarpConfig, args: argparse.Namespace) -> int:
     reused = " (reused)" if metrics.get("reused") else ""
     print(
         f"reward model{reused}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
-        f"on {metrics['eval_pairs']} pairs, trained on {metrics['train_pairs']} pairs in "
+        f"on {metrics['eval_pairs']} pairs{reward_details(metrics)}, trained on {metrics['train_pairs']} pairs in "
         f"{metrics['seconds']:.0f} s → {out / 'reward_model'}"
     )
     return 0

@@ -215,6 +215,42 @@ class WarpConfig:
             "allowed": POSITIVE,
         },
     )
+    reward_models: int = field(
+        default=1,
+        metadata={
+            "affects": ("reward_model",),
+            "help": "K reward models fine-tuned from the backbone, member k with seed + k - 1 (its head, data order "
+            "and dropout), then averaged weight by weight into reward_model/ (WARM, Ramé et al. 2024); the members "
+            "are kept in reward_members/. 1: one model, member 1 alone.",
+            "allowed": AT_LEAST_1,
+        },
+    )
+    reward_learning_rates: list[float] | None = field(
+        default=None,
+        metadata={
+            "affects": ("reward_model",),
+            "help": "Each member's learning rate, one per reward model (each > 0); null: reward_learning_rate for all.",
+        },
+    )
+    reward_label_noise: float = field(
+        default=0.0,
+        metadata={
+            "affects": ("reward_model",),
+            "help": "Fraction of the training pairs swapped (chosen ↔ rejected), drawn with the seed, to test "
+            "robustness to corrupted labels; the held-out pairs stay clean. Below 0.5: at 0.5 the labels say nothing.",
+            "allowed": Allowed(lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+        },
+    )
+    reward_ensemble: str = field(
+        default="warm",
+        metadata={
+            "affects": ("rewards",),
+            "help": "The trained reward with reward_models > 1: warm (the weight average, one forward) or ens (the "
+            "mean of the members' scores, K forwards).",
+            "allowed": one_of("warm", "ens"),
+        },
+    )
+
 
     # --- rewards ---------------------------------------------------------------------------
     reward_funcs: list[str] = field(
@@ -620,6 +656,12 @@ def validate(config: WarpConfig) -> None:
                 f"reward_weights has {len(config.reward_weights)} value(s) for {rewards} reward(s) "
                 f"({', '.join(config.reward_funcs) or 'trained'}): give one weight per reward"
             )
+    rates = config.reward_learning_rates
+    if rates is not None and (len(rates) != config.reward_models or not all(math.isfinite(r) and r > 0 for r in rates)):
+        raise ConfigError(
+            f"reward_learning_rates={rates!r} is out of range: must be {config.reward_models} number(s) > 0, "
+            f"one per reward model (reward_models)"
+        )
     if config.batch_size % config.grad_accumulation_steps:
         raise ConfigError(
             f"grad_accumulation_steps={config.grad_accumulation_steps} is out of range: "

@@ -3,7 +3,8 @@
     output_dir/
       config.yaml                  the resolved config
       data/splits.json             reward pairs, RL prompts, held-out prompts
-      reward_model/                the Bradley–Terry reward model (+ metrics.json)
+      reward_model/                the Bradley–Terry reward model (+ metrics.json); with K members, their average
+      reward_members/member_<k>/   member k of the K averaged (WARM), each with its metrics.json
       iter_<i>/init.safetensors    θ_init of iteration i
       iter_<i>/run_<m>/            one REINFORCE run (`RunFolder`)
       iter_<i>/slerp.safetensors   θ_slerp^i
@@ -32,8 +33,8 @@ MANIFEST = ".warp-rlhf.json"
 """The top-level entries warp-rlhf created in the folder: the only ones it may delete or write
 over (`stages.output`)."""
 OWNED_ENTRIES = (
-    "config.yaml", "data", "reward_model", "final", "reinforce", "eval", "report.md", "timings.json", "sweep",
-    "tensorboard", "wandb", "inputs", "completions",
+    "config.yaml", "data", "reward_model", "reward_members", "final", "reinforce", "eval", "report.md",
+    "timings.json", "sweep", "tensorboard", "wandb", "inputs", "completions",
 )  # fmt: skip
 """The top-level entries a command may write, besides `iter_<i>` (`OutputDir.entries`)."""
 
@@ -103,6 +104,19 @@ class OutputDir:
     def reward_metrics(self) -> Path:
         """The reward model's held-out accuracy; written last, so the model is finished when it exists."""
         return self.reward_model / REWARD_METRICS
+
+    @property
+    def reward_members(self) -> Path:
+        """The reward models averaged into `reward_model` (WARM), beside it so that writing the
+        average, which replaces `reward_model/`, keeps them."""
+        return self.root / "reward_members"
+
+    def reward_member(self, k: int) -> Path:
+        """Member k (from 1); finished when its metrics.json exists."""
+        return self.reward_members / f"member_{k}"
+
+    def finished_reward_members(self) -> list[Path]:
+        return sorted(path.parent for path in self.reward_members.glob(f"member_*/{REWARD_METRICS}"))
 
     def iteration(self, i: int) -> Path:
         return self.root / f"iter_{i}"

@@ -52,6 +52,8 @@ def test_reward_command_writes_model_metrics_and_config(tiny_args, tmp_path, cap
     assert (out / "config.yaml").exists() and (out / "data" / "splits.json").exists()
     metrics = json.loads((out / "reward_model" / "metrics.json").read_text())
     assert metrics["eval_pairs"] == 40 and metrics["eval_pairwise_accuracy"] > 0.7
+    assert metrics["seed"] == 0 and metrics["swapped_pairs"] == 0 and "members" not in metrics
+    assert not (out / "reward_members").exists()  # one model: no members beside it
     assert "held-out pairwise accuracy" in capsys.readouterr().out
     assert main(["reward", *args]) == 0  # a second call reuses the finished model
     assert "(reused)" in capsys.readouterr().out

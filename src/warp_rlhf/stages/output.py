@@ -60,6 +60,8 @@ def finished_work(out: Path) -> dict[str, frozenset[str]]:
         found["the data splits (data/splits.json)"] = SPLIT_FIELDS
     if paths.reward_metrics.exists():
         found["the reward model (reward_model/)"] = REWARD_FIELDS
+    if paths.finished_reward_members():
+        found["the reward model's finished members (reward_members/)"] = REWARD_FIELDS
     finished = [run.done for run in paths.runs() if run.done.exists()] + paths.merges()
     if finished:
         found[f"WARP's finished runs and merges ({finished[0].parent.relative_to(out)}, …)"] = WARP_RUN_FIELDS

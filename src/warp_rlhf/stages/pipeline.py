@@ -42,7 +42,7 @@ from warp_rlhf.stages.evaluate import Judge, Samples, sample_policy, write_resul
 from warp_rlhf.stages.models import check_loadable, context_window, load_causal_lm, load_tokenizer, model_config
 from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
-from warp_rlhf.stages.reward import judge_scores, train_reward_model
+from warp_rlhf.stages.reward import judge_scores, train_reward_models
 from warp_rlhf.stages.rewards import Functions, Reward, build_reward, build_rewards, check_reward, needs_reward_stage
 from warp_rlhf.stages.tracking import Tracking, require
 
@@ -129,8 +129,9 @@ def load_splits(config: WarpConfig, out: Path) -> Splits:
 
 
 def reward_stage(config: WarpConfig, out: Path) -> dict:
-    """Train the reward model unless `reward_model/` is already complete, or no reward is that
-    model (`reward_funcs`); return its metrics."""
+    """Train the reward model (with `reward_models` K > 1, K members and their weight average,
+    WARM) unless `reward_model/` is already complete, or no reward is that model (`reward_funcs`);
+    return its metrics."""
     paths = OutputDir(out)
     if not needs_reward_stage(config):
         return {"skipped": True}
@@ -138,8 +139,8 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
         return read_json(paths.reward_metrics) | {"reused": True}
     splits = load_splits(config, out)
     with timed(out, "reward model"):
-        metrics = train_reward_model(
-            config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, paths.reward_model
+        metrics = train_reward_models(
+            config, assets.resolve_backbone(config), splits.reward_train, splits.reward_eval, out
         )
     with tracking(config, out) as tracked:
         tracked.log("reward_model", metrics, 0)

@@ -14,6 +14,7 @@ from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.stages.data import read_splits
 from warp_rlhf.stages.plots import cell, number, reward_metrics
+from warp_rlhf.stages.reward import reward_details
 
 UNMOVED_KL = 0.01
 """KL(π ‖ π_sft) per sequence, in nats, below which a trained policy is still the SFT policy."""
@@ -138,8 +139,12 @@ def write_report(out: Path, config_text: str, results: dict, extra_sections: str
     plots = [p.name for p in figures_first]
     figures = "\n\n".join(f"![{p[:-4]}](eval/{p})" for p in plots)
     trained = OutputDir(out).reward_metrics
-    accuracy = read_json(trained)["eval_pairwise_accuracy"] if trained.exists() else None
-    about_reward = f"Reward model: held-out pairwise accuracy {accuracy:.3f}." if accuracy is not None else ""
+    reward = read_json(trained) if trained.exists() else None
+    about_reward = (
+        f"Reward model: held-out pairwise accuracy {reward['eval_pairwise_accuracy']:.3f}{reward_details(reward)}."
+        if reward
+        else ""
+    )
     unmoved = unmoved_note(policies, yaml.safe_load(config_text) or {})
     unmoved = f"\n{unmoved}\n" if unmoved else ""
     text = f"""# warp-rlhf report

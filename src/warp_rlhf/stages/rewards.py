@@ -37,10 +37,9 @@ import torch
 
 from warp_rlhf.algorithm.reinforce import Prompt, TrainingError
 from warp_rlhf.errors import ConfigError
-from warp_rlhf.layout import OutputDir
 from warp_rlhf.stages.models import check_loadable, check_safetensors, model_config
 from warp_rlhf.stages.prompts import scored_text
-from warp_rlhf.stages.reward import RewardModel, output_index
+from warp_rlhf.stages.reward import RewardModel, output_index, trained_reward
 
 TRAINED = "trained"
 _FUNCTION = re.compile(r"^(?P<where>[^\[\]]+\.py|[A-Za-z_][\w.]*):(?P<name>[A-Za-z_]\w*)$")
@@ -196,7 +195,7 @@ def build_reward(
     if spec in functions:
         return _function_reward(functions[spec], _OBJECT.match(spec)["name"] if _OBJECT.match(spec) else spec)
     if spec == TRAINED:
-        return _model_reward(RewardModel.from_pretrained(OutputDir(out).reward_model, device=device), policy_tokenizer)
+        return _model_reward(trained_reward(config, out, device), policy_tokenizer)
     function = _FUNCTION.match(spec)
     if function:
         return _function_reward(load_function(function["where"], function["name"]), spec)

@@ -109,13 +109,14 @@ def run_sweep(
 
 
 def share_data(parent: Path, out: Path) -> None:
-    """Reuse the parent's reward model (a symlink) and splits (a copy)."""
+    """Reuse the parent's reward model and its members (symlinks) and splits (a copy)."""
     parent, out = OutputDir(parent), OutputDir(out)
     out.splits.parent.mkdir(parents=True, exist_ok=True)
     if not out.splits.exists():
         shutil.copyfile(parent.splits, out.splits)
-    if parent.reward_model.exists() and not out.reward_model.exists():
-        out.reward_model.symlink_to(parent.reward_model.resolve(), target_is_directory=True)
+    for shared, own in ((parent.reward_model, out.reward_model), (parent.reward_members, out.reward_members)):
+        if shared.exists() and not own.exists():
+            own.symlink_to(shared.resolve(), target_is_directory=True)
 
 
 def summary_columns(rows: list[dict]) -> list[str]:
