@@ -102,7 +102,18 @@ def _train(config: WarpConfig, args: argparse.Namespace) -> int:
     final = train_stage(config, out, resume=args.resume)
     what = f"WARP policy θ_slerp^{config.iterations}" if config.method == "warp" else "REINFORCE baseline policy"
     print(f"{what} → {final} (load with AutoModelForCausalLM.from_pretrained)")
+    if config.method == "warp":
+        _push(config, out, "End of training")
     return 0
+
+
+def _push(config: WarpConfig, out: Path, message: str) -> None:
+    """With `push_to_hub`, final/ to the hub (`stages.hub.push_final`), said in one line."""
+    from warp_rlhf.stages.hub import push_final
+
+    url = push_final(config, out, message) if config.push_to_hub else None
+    if url:
+        print(f"final/ pushed → {url}")
 
 
 def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
@@ -116,6 +127,7 @@ def _evaluate(config: WarpConfig, args: argparse.Namespace) -> int:
     if "matched_kl" in results:
         print(matched_line(results["matched_kl"]))
     print(f"results, completions and plots → {OutputDir(out).eval}; report → {OutputDir(out).report}")
+    _push(config, out, "Evaluation results")  # final/'s card now holds them
     return 0
 
 

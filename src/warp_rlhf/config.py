@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -461,6 +462,40 @@ class WarpConfig:
             "affects": (),
             "help": "Trackers, as in TRL: tensorboard (event files in output_dir/tensorboard), trackio (local), wandb; "
             "several allowed; none or empty: no tracking.",
+        },
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "affects": (),
+            "help": "As in TRL: a table of prompts, completions and each reward every logging_steps steps of a run "
+            "(its completions/step_<n>.jsonl) and of each evaluated policy, to the trackers of report_to.",
+        },
+    )
+    logging_steps: int = field(
+        default=10,
+        metadata={
+            "affects": (),
+            "help": "Steps of a run between two completion tables (log_completions); its last step is always logged.",
+            "allowed": AT_LEAST_1,
+        },
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "affects": (),
+            "help": "As in TRL: push final/ (weights, tokenizer, model card) to the Hugging Face Hub after training, "
+            "and again after evaluation (its card then holds the results); needs a token (hf auth login).",
+        },
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={
+            "affects": (),
+            "help": "The hub repository of push_to_hub, name or namespace/name; null: output_dir's folder name.",
+            "allowed": Allowed(
+                lambda v: re.fullmatch(r"[\w.-]+(/[\w.-]+)?", v) is not None, "a repository id, name or namespace/name"
+            ),
         },
     )
     precision: str = field(

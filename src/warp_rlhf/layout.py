@@ -6,14 +6,14 @@
       reward_model/                the Bradley–Terry reward model (+ metrics.json); with K members, their average
       reward_members/member_<k>/   member k of the K averaged (WARM), each with its metrics.json
       iter_<i>/init.safetensors    θ_init of iteration i
-      iter_<i>/run_<m>/            one REINFORCE run (`RunFolder`)
+      iter_<i>/run_<m>/            one REINFORCE run (`RunFolder`); with `log_completions`, its
+                                   completions/step_<n>.jsonl: prompts, completions and rewards
       iter_<i>/slerp.safetensors   θ_slerp^i
       final/                       θ_slerp^I, `save_pretrained`
       reinforce/                   the REINFORCE baseline (`RunFolder`), its final/ inside
       eval/                        results, completions, plots; eval/policies/<name>.json
       report.md, timings.json
       inputs/                      the models and data `WarpTrainer` was given as objects, saved once
-      completions/step_<n>.jsonl   with `log_completions`: prompts, completions and rewards
       .warp-rlhf.lock              held by the process working in the folder
       .warp-rlhf.json              the entries above that warp-rlhf created (`OWNED_ENTRIES`)
 
@@ -34,7 +34,7 @@ MANIFEST = ".warp-rlhf.json"
 over (`stages.output`)."""
 OWNED_ENTRIES = (
     "config.yaml", "data", "reward_model", "reward_members", "final", "reinforce", "eval", "report.md",
-    "timings.json", "sweep", "tensorboard", "wandb", "inputs", "completions",
+    "timings.json", "sweep", "tensorboard", "wandb", "inputs",
 )  # fmt: skip
 """The top-level entries a command may write, besides `iter_<i>` (`OutputDir.entries`)."""
 
@@ -72,6 +72,14 @@ class RunFolder:
     def snapshot(self, step: int) -> Path:
         """The policy after `step` steps, kept for the baseline's trajectory."""
         return self.path / f"step_{step}.safetensors"
+
+    def completions(self, step: int) -> Path:
+        """With `log_completions`, step `step`'s prompts, completions and rewards, one JSON line each."""
+        return self.path / "completions" / f"step_{step}.jsonl"
+
+    def completion_tables(self) -> dict[int, Path]:
+        """Every completions table of the run, by step."""
+        return {int(path.stem.removeprefix("step_")): path for path in self.path.glob("completions/step_*.jsonl")}
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,6 @@ class OutputDir:
     def inputs(self) -> Path:
         """Objects given to `WarpTrainer` (models, datasets), saved under a fingerprint of what they are."""
         return self.root / "inputs"
-
-    @property
-    def completions(self) -> Path:
-        return self.root / "completions"
 
     @property
     def report(self) -> Path:

@@ -4,6 +4,7 @@
     model = trainer.train()           # as GRPOTrainer(model=…, reward_funcs=…, args=…, train_dataset=…)
     results = trainer.evaluate()
     trainer.save_model("my-policy")
+    trainer.push_to_hub()             # final/ to args.hub_model_id (args.push_to_hub: after train too)
 
 It is the command line's code path: objects become what a config names. A model object is saved
 once to `output_dir/inputs/<role>-<fingerprint>/` (with its tokenizer), a `datasets.Dataset` to
@@ -32,6 +33,7 @@ from warp_rlhf.checkpoint import atomic_dir
 from warp_rlhf.config import WarpConfig
 from warp_rlhf.errors import ConfigError, ModelError
 from warp_rlhf.layout import OutputDir
+from warp_rlhf.stages.hub import push_final
 from warp_rlhf.stages.output import own_entry, owned
 from warp_rlhf.stages.pipeline import evaluate_stage, prepare_output, reward_stage, train_stage
 from warp_rlhf.stages.rewards import function_spec
@@ -83,7 +85,8 @@ class WarpTrainer:
 
     def train(self, resume_from_checkpoint: bool | str | None = None):
         """The reward stage where a reward is 'trained', then WARP; returns θ_slerp^I as a
-        `PreTrainedModel`. `resume_from_checkpoint=True` continues an interrupted run (`--resume`)."""
+        `PreTrainedModel`. `resume_from_checkpoint=True` continues an interrupted run (`--resume`).
+        With `args.push_to_hub`, final/ is then pushed (`push_to_hub`)."""
         from transformers import AutoModelForCausalLM
 
         with owned(self.output_dir):
@@ -92,6 +95,8 @@ class WarpTrainer:
             reward_stage(config, out)
             final = train_stage(config, out, resume=bool(resume_from_checkpoint), functions=functions)
         self.model = AutoModelForCausalLM.from_pretrained(final)
+        if self.args.push_to_hub:
+            self.push_to_hub()
         return self.model
 
     def evaluate(self) -> dict:
@@ -102,7 +107,17 @@ class WarpTrainer:
             config, functions = self._config()
             out = prepare_output(config, functions=functions)
             results = evaluate_stage(config, out, functions=functions)
+        if self.args.push_to_hub:
+            push_final(self.args, self.output_dir, "Evaluation results")  # final/'s card now holds them
         return {**results, **results["policies"]}
+
+    def push_to_hub(self, commit_message: str = "End of training") -> str:
+        """Upload final/ (weights, tokenizer, model card) to `args.hub_model_id` (default: the
+        output folder's name), as TRL's `Trainer.push_to_hub`; the repository's URL."""
+        url = push_final(self.args, self.output_dir, commit_message)
+        if url is None:
+            raise ConfigError(f"{OutputDir(self.output_dir).final} holds no trained policy yet: call train() first")
+        return url
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """Copy the trained policy (`final/`: weights, tokenizer, model card) to `output_dir`,

@@ -94,6 +94,38 @@ class Trajectory:
     rollout: pi.Rollout
     score: torch.Tensor  # r(x_b, y_b), (B,)
     logp_anchor: torch.Tensor  # ℓ_b^ema under the anchor, (B,)
+    completions: list[str] = field(default_factory=list)  # y_b, decoded
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # each r_k(x_b, y_b) where the reward names them
+
+
+@dataclass(frozen=True)
+class Completions:
+    """One step's prompts, completions and rewards: the table of `log_completions`, as TRL logs it."""
+
+    step: int  # t, from 1
+    prompts: list[str]
+    completions: list[str]
+    reward: list[float]  # r(x_b, y_b)
+    rewards: dict[str, list[float]]  # each r_k by name where r sums several (NaN: r_k does not apply there)
+
+    @staticmethod
+    def of(step: int, trajectory: Trajectory) -> Completions:
+        named = trajectory.rewards if len(trajectory.rewards) > 1 else {}
+        return Completions(
+            step,
+            [prompt.text for prompt in trajectory.prompts],
+            trajectory.completions,
+            trajectory.score.tolist(),
+            {key: values.tolist() for key, values in named.items()},
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per completion: step, prompt, completion, reward, and reward_<k> for each r_k."""
+        return [
+            {"step": self.step, "prompt": prompt, "completion": completion, "reward": self.reward[b]}
+            | {f"reward_{key}": values[b] for key, values in self.rewards.items()}
+            for b, (prompt, completion) in enumerate(zip(self.prompts, self.completions, strict=True))
+        ]
 
 
 @dataclass(frozen=True)
@@ -264,6 +296,7 @@ class Trainer:
             raise TrainingError("no RL prompts to train on")
         self.config, self.tokenizer, self.reward, self.prompts = config, tokenizer, reward, prompts
         self.log_step = log_step  # e.g. a tracker: the run loop hands it each step's metrics
+        self.completions: Completions | None = None  # the last step's, with `log_completions`
         self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
         self.lora = config.lora_r > 0  # then the policy is a copy with adapters; the caller's model stays plain
         self.policy = lora.add_adapters(copy.deepcopy(policy), config) if self.lora else policy
@@ -294,6 +327,7 @@ class Trainer:
         seed = derived_seed(run_seed(self.config), spec.iteration, spec.run, "step", step)
         generator = torch.Generator(self.device).manual_seed(seed)
         trajectory = self.collect(spec, step, clock, generator)
+        self.completions = Completions.of(step + 1, trajectory) if self.config.log_completions else None
         where = f"{spec.name} step {step + 1}"
         stats = self.update(trajectory, optimizer, scheduler, spec.anchor_rate, clock, where, generator)
         score, rollout = trajectory.score, trajectory.rollout
@@ -329,15 +363,26 @@ class Trainer:
                 generator=generator,
             )
         with clock.phase("reward"):
+            completions = pi.decode(self.tokenizer, rollout)
             try:
-                score = self.reward(prompts, pi.decode(self.tokenizer, rollout), pi.token_ids(rollout)).float()
+                score, each = self._score(prompts, completions, pi.token_ids(rollout))
             except TrainingError as error:
                 raise TrainingError(f"{spec.name} step {step + 1}: {error}") from None
         if not torch.isfinite(score).all():
             raise TrainingError(f"{spec.name} step {step + 1}: the reward is not finite ({score.tolist()[:4]} …)")
         with clock.phase("anchor"):
             logp_anchor = self._no_grad_logp(self.anchor, self._micro_batches(rollout))
-        return Trajectory(prompts, rollout, score, logp_anchor)
+        return Trajectory(prompts, rollout, score, logp_anchor, completions, each)
+
+    def _score(
+        self, prompts: list[Prompt], completions: list[str], completion_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """r(x_b, y_b), and each r_k by name where the reward is a weighted sum that names them
+        (it offers `each` and `total`, as `stages.rewards.Rewards`: r = total(each))."""
+        if hasattr(self.reward, "each"):
+            each = self.reward.each(prompts, completions, completion_ids)
+            return self.reward.total(each).float(), each
+        return self.reward(prompts, completions, completion_ids).float(), {}
 
     def update(
         self,

@@ -1,7 +1,8 @@
 """A REINFORCE run: T of `Trainer.step` from θ_init, with what makes it a run around them, as a
 recipe composes a model's training step (torchtune): the checkpoint every `checkpoint_every`
 steps and the resume from it, a line of metrics.jsonl per step, the progress bar, the step hook
-(a tracker), the snapshots along the way, then policy.safetensors and done.json.
+(a tracker), with `log_completions` a table of completions every `logging_steps` steps, the
+snapshots along the way, then policy.safetensors and done.json.
 
 A run resumed from its checkpoint redoes the steps after it and ends bitwise where an
 uninterrupted run does (`Trainer.step` draws from the step's own seed).
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from warp_rlhf.algorithm.merge import copy_into
-from warp_rlhf.algorithm.reinforce import RunSpec, Trainer, TrainingError, new_optimizer
+from warp_rlhf.algorithm.reinforce import Completions, RunSpec, Trainer, TrainingError, new_optimizer
 from warp_rlhf.checkpoint import (
     UnreadableFile,
     atomic_dir,
@@ -27,6 +28,7 @@ from warp_rlhf.checkpoint import (
     remove_temporaries,
     save_tensors,
     write_json,
+    write_text,
 )
 from warp_rlhf.config import RUN_FIELDS
 
@@ -56,6 +58,9 @@ def train_run(
     optimizer, scheduler = new_optimizer(trainer.policy, trainer.config)
     start = _resume_or_start(trainer, spec, init, optimizer, scheduler, steps)
     _truncate_lines(files.metrics, start)
+    for step, table in files.completion_tables().items():
+        if step > start:  # redone: a table of the steps to come is written anew
+            table.unlink()
     progress = tqdm(total=steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True, position=bar)
     with progress, open(files.metrics, "a") as log:
         for step in range(start, steps):
@@ -64,6 +69,8 @@ def train_run(
             log.flush()
             if trainer.log_step is not None:
                 trainer.log_step(spec, metrics)
+            if trainer.completions is not None and _logging_step(trainer.completions.step, trainer, steps):
+                _log_completions(trainer, spec, trainer.completions)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
             progress.update()
             if step + 1 in snapshots:
@@ -73,6 +80,21 @@ def train_run(
     save_tensors(files.policy, trainer.weights())
     write_json(files.done, {"steps": steps, **_summary(files.metrics)})
     shutil.rmtree(files.checkpoint, ignore_errors=True)
+
+
+def _logging_step(step: int, trainer: Trainer, steps: int) -> bool:
+    """Whether step t's completions are logged: every `logging_steps` steps, and the run's last."""
+    return step % trainer.config.logging_steps == 0 or step == steps
+
+
+def _log_completions(trainer: Trainer, spec: RunSpec, completions: Completions) -> None:
+    """The step's table to the run's completions/step_<n>.jsonl, and to the step hook's
+    `completions` where it has one (a tracker: `stages.tracking.Tracking`)."""
+    rows = completions.rows()
+    write_text(spec.folder.completions(completions.step), "".join(json.dumps(row) + "\n" for row in rows))
+    table = getattr(trainer.log_step, "completions", None)
+    if table is not None:
+        table(spec, completions.step, rows)
 
 
 def _resume_or_start(trainer: Trainer, spec: RunSpec, init: Path | None, optimizer, scheduler, steps: int) -> int:

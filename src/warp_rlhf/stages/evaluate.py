@@ -133,12 +133,21 @@ def write_results(evaluated: dict[str, tuple[dict, Samples]], folder: Path, out:
     for name, row in policies.items():
         writer.writerow([name, row["kind"], *(row.get(c, "") for c in columns)])
     write_text(folder / "results.csv", table.getvalue())
-    lines = []
-    for name, (_, s) in evaluated.items():
-        for i, (p, c, r) in enumerate(zip(s.prompts, s.completions, s.reward, strict=True)):
-            line = {"policy": name, "prompt": p, "completion": c, "reward": r}
-            line |= {f"reward_{key}": values[i] for key, values in s.rewards.items()}
-            lines.append(json.dumps(line | ({"judge": s.judge[i]} if s.judge else {})))
+    lines = [json.dumps({"policy": name} | row) for name, rows in completion_rows(evaluated).items() for row in rows]
     write_text(folder / "completions.jsonl", "\n".join(lines) + "\n")
     plot_results(policies, folder, out)
     return results
+
+
+def completion_rows(evaluated: dict[str, tuple[dict, Samples]]) -> dict[str, list[dict]]:
+    """Each policy's completions table: prompt, completion, reward r, each r_k (`reward_<k>`) where
+    r sums several, and the judge's score where there is a judge."""
+    tables = {}
+    for name, (_, s) in evaluated.items():
+        tables[name] = [
+            {"prompt": p, "completion": c, "reward": r}
+            | {f"reward_{key}": values[i] for key, values in s.rewards.items()}
+            | ({"judge": s.judge[i]} if s.judge else {})
+            for i, (p, c, r) in enumerate(zip(s.prompts, s.completions, s.reward, strict=True))
+        ]
+    return tables

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +37,8 @@ from warp_rlhf.layout import OutputDir
 from warp_rlhf.runners import RunJob, check_backend, make_runner
 from warp_rlhf.stages import assets
 from warp_rlhf.stages.data import Splits, make_splits, read_splits
-from warp_rlhf.stages.evaluate import Judge, Samples, sample_policy, write_results
+from warp_rlhf.stages.evaluate import Judge, Samples, completion_rows, sample_policy, write_results
+from warp_rlhf.stages.hub import check_hub, model_card, write_cards
 from warp_rlhf.stages.models import check_loadable, context_window, load_causal_lm, load_tokenizer, model_config
 from warp_rlhf.stages.output import claim
 from warp_rlhf.stages.report import timed, write_report
@@ -75,6 +75,7 @@ def check_models(config: WarpConfig, functions: Functions | None = None) -> None
             require(tracker)
     if config.lora_r > 0:
         lora.require_peft()
+    check_hub(config)
 
 
 def _check_weights(name: str, what: str) -> None:
@@ -242,36 +243,7 @@ def save_policy(
         if adapter is not None:
             adapter.save_pretrained(tmp / "adapter")
         write_json(tmp / "training_metrics.json", metrics)
-        (tmp / "README.md").write_text(model_card(config, metrics))
-
-
-def model_card(config: WarpConfig, metrics: dict) -> str:
-    if config.method == "warp":
-        title, how = (
-            "WARP policy",
-            (
-                "[warp-rlhf](https://arxiv.org/abs/2406.16768): Weight Averaged Rewarded Policies "
-                f"(I={config.iterations}, M={config.runs}, T={config.steps}, μ={config.ema_rate}, "
-                f"λ={config.resolved_slerp_lambda:g}, η={config.liti_rate}, β={config.beta}, anchor {config.anchor}, "
-                f"merge {config.merge_method})"
-            ),
-        )
-    else:
-        title, how = (
-            "REINFORCE baseline policy",
-            (
-                f"warp-rlhf's REINFORCE baseline ({config.iterations * config.runs * config.steps} steps, "
-                f"β={config.beta}, anchor {config.baseline_anchor})"
-            ),
-        )
-    return (
-        "---\nlibrary_name: transformers\ntags: [warp, rlhf, reinforce]\n---\n\n"
-        f"# {title}\n\nTrained with {how}.\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\n```\n\n"
-        f"## Config\n\n```yaml\n{dump_config(config)}```\n\n"
-        f"## Training metrics\n\n```json\n{json.dumps(metrics, indent=2)}\n```\n"
-    )
+        (tmp / "README.md").write_text(model_card(config, metrics, folder))
 
 
 def evaluation_points(config: WarpConfig, out: Path, sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
@@ -309,11 +281,15 @@ def evaluate_stage(config: WarpConfig, out: Path, functions: Functions | None = 
         evaluated = evaluate_points(config, out, lambda sft: evaluation_points(config, out, sft), paths, functions)
     results = write_results(evaluated, paths.eval, out)
     report = write_report(out, dump_config(config), results)
+    write_cards(config, out, results["policies"])
     with tracking(config, out) as tracked:
         if tracked:
             for name, row in results["policies"].items():
                 tracked.log("evaluation", {f"{name}/{key}": value for key, value in row.items()}, 0)
             tracked.text("evaluation", "report", report.read_text())
+            if config.log_completions:  # each policy's table of completions, as eval/completions.jsonl holds them
+                for name, rows in completion_rows(evaluated).items():
+                    tracked.table("evaluation", f"completions/{name}", rows, 0)
     return results
 
 

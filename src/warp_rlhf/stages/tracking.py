@@ -2,7 +2,10 @@
 
 One tracked run per REINFORCE run, named as its folder (`iter_1/run_2`, `reinforce`), with its
 per-step metrics at their steps; `reward_model` with the reward model's accuracy; `evaluation`
-with each evaluated policy's results. Everything works offline: TensorBoard writes event files
+with each evaluated policy's results. With `log_completions`, tables of prompts, completions and
+rewards too (TRL's): a run's `completions` at its logged steps, each evaluated policy's
+`completions/<policy>`; a markdown text summary in TensorBoard, a `Table` in trackio and wandb.
+Everything works offline: TensorBoard writes event files
 under `output_dir/tensorboard/<run>`, trackio logs to its local database, wandb runs offline unless
 `WANDB_MODE` says otherwise. Each tracker is an optional extra: a missing one is one line naming
 the extra to install.
@@ -25,6 +28,8 @@ class Destination(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def text(self, name: str, text: str) -> None: ...
+
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -55,6 +60,10 @@ class _TensorBoard:
     def text(self, name: str, text: str) -> None:
         self.writer.add_text(name, text)
 
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        self.writer.add_text(name, markdown_table(rows), step)
+        self.writer.flush()
+
     def finish(self) -> None:
         self.writer.close()
 
@@ -70,13 +79,16 @@ class _Trackio:
     def text(self, name: str, text: str) -> None:
         self.run.log({name: text})
 
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        self.run.log({name: _dataframe_table(self.trackio, rows)}, step=step)
+
     def finish(self) -> None:
         self.run.finish()
 
 
 class _Wandb:
     def __init__(self, out: Path, name: str, config: dict):
-        wandb = require("wandb")
+        self.wandb = wandb = require("wandb")
         mode = os.environ.get("WANDB_MODE", "offline")
         self.run = wandb.init(
             project=out.resolve().name, name=name, config=config, dir=str(out), mode=mode, reinit=True
@@ -87,6 +99,9 @@ class _Wandb:
 
     def text(self, name: str, text: str) -> None:
         self.run.summary[name] = text
+
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        self.run.log({name: _dataframe_table(self.wandb, rows)}, step=step)
 
     def finish(self) -> None:
         self.run.finish()
@@ -122,9 +137,18 @@ class Tracking:
         for destination in self.run(name):
             destination.text(key, text)
 
+    def table(self, name: str, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of the same columns (prompt, completion, reward, …) as a table `key` at `step`."""
+        for destination in self.run(name):
+            destination.table(key, rows, step)
+
     def __call__(self, spec, metrics: dict) -> None:
         """As a `Trainer`'s `log_step`: each run's metrics to the tracked run named as its folder."""
         self.log(_run_name(spec.folder.path), metrics, metrics["step"])
+
+    def completions(self, spec, step: int, rows: list[dict[str, Any]]) -> None:
+        """As a `Trainer`'s `log_step`, with `log_completions`: a step's table to the run's tracked run."""
+        self.table(_run_name(spec.folder.path), "completions", rows, step)
 
     def close(self) -> None:
         for destinations in self.open.values():
@@ -137,6 +161,28 @@ class Tracking:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """`rows` as a markdown table (TensorBoard's text dashboard renders it): numbers to 4
+    significant digits, `|` escaped and line breaks as <br> in texts."""
+    columns = list(rows[0]) if rows else []
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[column]) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _dataframe_table(tracker: Any, rows: list[dict[str, Any]]) -> Any:
+    """`tracker.Table` (trackio's or wandb's) of `rows`, built from a pandas DataFrame as TRL does."""
+    import pandas
+
+    return tracker.Table(dataframe=pandas.DataFrame(rows))
 
 
 def _run_name(folder: Path) -> str:
