@@ -194,3 +194,25 @@ def test_each_step_writes_the_same_metrics_line(tiny_policy, tmp_path):
             "seconds_reward", "seconds_anchor", "seconds_policy", "seconds_optimizer", "seconds_ema"]  # fmt: skip
     rows = [json.loads(line) for line in folder.metrics.read_text().splitlines()]
     assert [list(row) for row in rows] == [keys, keys] and [row["step"] for row in rows] == [1, 2]
+
+
+def test_a_checkpoint_made_with_a_relative_reward_file_resumes_from_the_absolute_one(tmp_path, monkeypatch):
+    """A run started with `rewards.py:f` and resumed through the saved config (paths absolute) is the
+    same run: its checkpoint is resumed, not set aside."""
+    import json
+    import types
+
+    from warp_rlhf.algorithm.run_loop import _run_fields, _set_aside_if_changed
+    from warp_rlhf.config import WarpConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards.py").write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    relative = types.SimpleNamespace(config=WarpConfig(reward_funcs=["rewards.py:f"]))
+    fields = {name: getattr(relative.config, name) for name in _run_fields(relative)}  # as typed, relative
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "fields": fields}))
+    absolute = types.SimpleNamespace(config=WarpConfig(reward_funcs=[f"{tmp_path / 'rewards.py'}:f"]))
+    spec = RunSpec(1, 1, RunFolder(tmp_path / "run"), 0.01)
+    _set_aside_if_changed(absolute, spec, checkpoint, steps=4)
+    assert (checkpoint / "state.json").exists() and not checkpoint.with_name("checkpoint.previous").exists()

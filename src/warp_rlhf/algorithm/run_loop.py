@@ -30,7 +30,7 @@ from warp_rlhf.checkpoint import (
     write_json,
     write_text,
 )
-from warp_rlhf.config import RUN_FIELDS
+from warp_rlhf.config import RUN_FIELDS, config_to_dict, resolve_paths
 
 logger = logging.getLogger("warp_rlhf")
 
@@ -118,12 +118,14 @@ def _resume_or_start(trainer: Trainer, spec: RunSpec, init: Path | None, optimiz
 
 
 def _run_fields(trainer: Trainer) -> dict:
-    return {name: getattr(trainer.config, name) for name in RUN_FIELDS}
+    """The run's settings as a checkpoint records them, local paths absolute (`config_to_dict`)."""
+    values = config_to_dict(trainer.config)
+    return {name: values[name] for name in RUN_FIELDS}
 
 
 def _set_aside_if_changed(trainer: Trainer, spec: RunSpec, path: Path, steps: int) -> None:
     saved = read_json(path / "state.json")
-    made_with = saved.get("fields", _run_fields(trainer)) | {"steps": max(saved["step"], steps)}
+    made_with = resolve_paths(saved.get("fields", _run_fields(trainer))) | {"steps": max(saved["step"], steps)}
     current = _run_fields(trainer) | {"steps": steps}  # a checkpoint past the run's end is not resumed
     changed = [name for name, value in current.items() if made_with.get(name, value) != value]
     if changed:
