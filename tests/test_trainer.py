@@ -86,21 +86,25 @@ scale = 0.5
 trainer = WarpTrainer(
     AutoModelForCausalLM.from_pretrained(sys.argv[1]),
     [brevity, lambda completions, **kw: [scale * ("good" in c) for c in completions]],
-    args=WarpConfig(output_dir=sys.argv[2], backend="processes", **{FLAGS}),
+    args=WarpConfig(output_dir=sys.argv[2], backend=sys.argv[3], ray_num_cpus=1, **{FLAGS}),
     train_dataset=Dataset.from_list([{{"prompt": p}} for p in {WORDS} * 2]),
 )
 print("model:", type(trainer.train()).__name__)
 """
 
 @pytest.mark.slow
-def test_functions_from_main_travel_to_run_processes(tiny_policy, tmp_path):
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_functions_from_main_travel_to_run_processes(backend, tiny_policy, tmp_path):
     """Functions and a lambda defined in a script's __main__, no `if __name__ == "__main__"` guard:
-    the run processes get them by value and never run the script again."""
+    the run processes (or Ray's workers) get them by value and never run the script again."""
+    if backend == "ray":
+        pytest.importorskip("ray")
     script = tmp_path / "notebook.py"
     script.write_text(textwrap.dedent(SCRIPT.format(FLAGS=FLAGS, WORDS=WORDS)))
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, str(script), str(tiny_policy), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        [sys.executable, str(script), str(tiny_policy), str(tmp_path / "out"), backend],
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "model: LlamaForCausalLM" in done.stdout
