@@ -164,7 +164,7 @@ def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
 
     reward_tokens = []  # real (unpadded) tokens the reward model reads, per step
 
-    def reward(batch_prompts, completions):
+    def reward(batch_prompts, completions, completion_ids=None):
         texts = [p.text + c for p, c in zip(batch_prompts, completions, strict=True)]
         encoded = reward_model.tokenizer(texts, truncation=True, max_length=reward_model.max_length)
         reward_tokens.append(sum(len(ids) for ids in encoded["input_ids"]))
