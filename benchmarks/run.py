@@ -16,7 +16,11 @@ On the embedded SmolLM2-135M policy, batch 16, prompts of at most 16 tokens, 24 
   mfu had each phase taken only its matrix products, timed alone at the step's shapes;
 - SLERP merge of M = 2 policies against one torch.add pass over the same tensors;
 - peak resident memory of the training processes against their lower bound (policy + grads +
-  Adam states + anchor + init + reward model bytes, per process).
+  Adam states + anchor + init + reward model bytes, per process);
+- one run alone with gradient checkpointing: its peak RSS and step time against the same run
+  without it;
+- `warp-rlhf plan`'s peak of a run (`stages.plan`, from the config alone) against the measured
+  peak RSS of each run alone: full, LoRA, gradient checkpointing.
 Each measurement runs in its own processes (one measurement at a time). The figures go to
 benchmarks/results.json, and benchmarks/RESULTS.md is rendered from them through
 benchmarks/RESULTS.template.md (`results_markdown`). Step times are the median of the measured
@@ -66,17 +70,17 @@ TEMPLATE = HERE / "RESULTS.template.md"
 TARGETS = ("ratio_vs_trl", "mfu", "merge_vs_add", "rss_vs_bound")
 """The figures that have a target (RESULTS.md's first table)."""
 
-OUR_STEP = ("ours", "lora")
+OUR_STEP = ("ours", "lora", "checkpointing")
 """The measurements of our training step: their processes set the allocator as a WARP run's does."""
 
 
-def _config(lora_r: int = 0):
+def _config(lora_r: int = 0, checkpointing: bool = False):
     from warp_rlhf.config import WarpConfig
 
     fields = dict(
         batch_size=BATCH, max_new_tokens=NEW_TOKENS, ema_rate=MU, beta=BETA, learning_rate=LR, device="cpu",
         prompt_min_tokens=4, prompt_max_tokens=MAX_PROMPT_TOKENS, reward_train_pairs=10, reward_eval_pairs=10,
-        rl_prompts=256, eval_prompts=10, lora_r=lora_r,
+        rl_prompts=256, eval_prompts=10, lora_r=lora_r, gradient_checkpointing=checkpointing,
     )  # fmt: skip
     return WarpConfig(**fields | json.loads(os.environ.get(CONFIG, "{}")))
 
@@ -117,8 +121,11 @@ def _embedded():
     return config, policy_path, tokenizer, prompts, reward_model, load_causal_lm
 
 
-def phase_flops(n_params: int, n_output: int, tokens: float, completion_tokens: float, reward: float) -> dict:
-    """Model FLOPs of each phase of one step: 2 per weight per token for a forward, 4 more for a backward.
+def phase_flops(
+    n_params: int, n_output: int, tokens: float, completion_tokens: float, reward: float, rows: int = BATCH
+) -> dict:
+    """Model FLOPs of each phase of one step of `rows` sequences: 2 per weight per token for a
+    forward, 4 more for a backward.
 
     The output layer (`n_output` weights, tied to the input embedding, whose lookup costs no
     FLOPs) runs only where a completion token is predicted; the rest of the model on every
@@ -129,7 +136,7 @@ def phase_flops(n_params: int, n_output: int, tokens: float, completion_tokens: 
     """
     body = n_params - n_output
     forward = 2 * (body * tokens + n_output * completion_tokens)
-    generation = 2 * (body * (tokens - BATCH) + n_output * completion_tokens)
+    generation = 2 * (body * (tokens - rows) + n_output * completion_tokens)
     return {"generate": generation, "reward": reward, "anchor": forward, "policy": 3 * forward}
 
 
@@ -149,17 +156,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
+def measure_ours(steps: int, run: int | None = None, lora_r: int = 0, checkpointing: bool = False) -> dict:
     """Our Trainer.step on SmolLM2: the median step (its seconds per phase and FLOPs), and peak RSS.
     `run` m: WARP's run m of the runs side by side (its own seeds); None: one run alone, whose
     matrix products are then also timed alone (`product_seconds`). `lora_r`: LoRA adapters of that
-    rank train instead of every weight. Its process has set the allocator first (`_start`)."""
+    rank train instead of every weight; `checkpointing`: with gradient checkpointing. Its process
+    has set the allocator first (`_start`)."""
     from warp_rlhf.algorithm.reinforce import Prompt, RunSpec, Trainer
     from warp_rlhf.algorithm.run_loop import train_run
     from warp_rlhf.layout import RunFolder
 
     _, policy_path, tokenizer, texts, reward_model, load_causal_lm = _embedded()
-    config, prompts = _config(lora_r), [Prompt(text) for text in texts]
+    config, prompts = _config(lora_r, checkpointing), [Prompt(text) for text in texts]
     policy = load_causal_lm(policy_path)
 
     reward_tokens = []  # real (unpadded) tokens the reward model reads, per step
@@ -185,7 +193,7 @@ def measure_ours(steps: int, run: int | None = None, lora_r: int = 0) -> dict:
     median = sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
     phases = {k: v for k, v in median.items() if k.startswith("seconds")}
     flops = sum(median["flops"].values())
-    alone = run is None and not lora_r
+    alone = run is None and not lora_r and not checkpointing
     products = product_seconds(policy, median["tokens"], median["completion_tokens"]) if alone else None
     reward_bytes = sum(p.numel() * p.element_size() for p in reward_model.model.parameters())
     policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
@@ -368,8 +376,14 @@ def measure_lora(steps: int, run: None = None) -> dict:
     return measure_ours(steps, run, lora_r=LORA_R)
 
 
+def measure_checkpointing(steps: int, run: None = None) -> dict:
+    """Our step with gradient checkpointing (each decoder layer recomputed in the backward pass)."""
+    return measure_ours(steps, run, checkpointing=True)
+
+
 MEASUREMENTS = {
-    "ours": measure_ours, "lora": measure_lora, "trl": measure_trl, "peak": measure_peak, "merge": measure_merge,
+    "ours": measure_ours, "lora": measure_lora, "checkpointing": measure_checkpointing, "trl": measure_trl,
+    "peak": measure_peak, "merge": measure_merge,
 }  # fmt: skip
 
 
@@ -452,8 +466,8 @@ def _start(name: str, threads: int | None) -> None:
         keep_freed_memory()
 
 
-PLAN = [("peak", False), ("ours", True), ("ours", False), ("lora", False), ("peak", False), ("trl", True),
-        ("peak", False), ("merge", False)]  # fmt: skip
+PLAN = [("peak", False), ("ours", True), ("ours", False), ("lora", False), ("checkpointing", False), ("peak", False),
+        ("trl", True), ("peak", False), ("merge", False)]  # fmt: skip
 """The measurements in order, each (name, side by side); the peak three times, spread over the run."""
 
 
@@ -491,17 +505,28 @@ def summarise(results: dict) -> dict:
         "merge_vs_add": results["merge"]["merge_seconds"] / results["merge"]["add_seconds"],
         "rss_vs_bound": sum(r["peak_rss_bytes"] for r in runs) / sum(r["lower_bound_bytes"] for r in runs),
     }
-    lora = results["lora_alone"]
     lora_figures = {
-        "lora_step_vs_full": lora["seconds_per_step"] / alone["seconds_per_step"],
-        "lora_rss_vs_full": lora["peak_rss_bytes"] / alone["peak_rss_bytes"],
+        f"{name}_{figure}_vs_full": results[f"{name}_alone"][key] / alone[key]
+        for name in ("lora", "checkpointing")
+        if f"{name}_alone" in results
+        for figure, key in (("step", "seconds_per_step"), ("rss", "peak_rss_bytes"))
     }
     alone["utilisation_per_phase"] = {
         phase: flops / alone["phases"][f"seconds_{phase}"] / peak for phase, flops in alone["flops_per_phase"].items()
     }
     alone["mfu_products_only"] = products_only_mfu(alone, peak)
-    return {**summary, **lora_figures, "details": results, "command": "python benchmarks/run.py",
-            "torch_threads": _threads(), "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
+    planned = {name: planned_peak(name) / results[f"{name}_alone"]["peak_rss_bytes"]
+               for name in OUR_STEP if f"{name}_alone" in results}  # fmt: skip
+    return {**summary, **lora_figures, "plan_vs_rss": planned, "details": results,
+            "command": "python benchmarks/run.py", "torch_threads": _threads(),
+            "side_by_side_threads": side_by_side(RUNS)[1]}  # fmt: skip
+
+
+def planned_peak(name: str) -> int:
+    """`warp-rlhf plan`'s peak of one run of our step `name` (`OUR_STEP`), from its config alone."""
+    from warp_rlhf.stages.plan import plan
+
+    return plan(_config(LORA_R if name == "lora" else 0, checkpointing=name == "checkpointing")).run.peak
 
 
 def write_results(results: dict, steps: int) -> None:
@@ -556,7 +581,7 @@ def _setup_fields(results: dict, steps: int) -> dict[str, str]:
 def _measurement_fields(results: dict) -> dict[str, str]:
     """The second table: each trainer's runs, mfu per step, the run alone, LoRA, peak, merge, memory."""
     d, gib = results["details"], 2**30
-    ours, trl, alone, lora = d["ours_side_by_side"], d["trl_side_by_side"], d["ours_alone"], d["lora_alone"]
+    ours, trl, alone = d["ours_side_by_side"], d["trl_side_by_side"], d["ours_alone"]
     memory = f"{_spread([r['peak_rss_bytes'] / gib for r in ours['runs']])} / {alone['lower_bound_bytes'] / gib:.2f}"
     libraries = " / ".join(
         f"{name} {max(p['by_library'][name] for p in d['peak']['measured']) / 1e9:.0f}"
@@ -570,14 +595,33 @@ def _measurement_fields(results: dict) -> dict[str, str]:
         "alone_step": f"{alone['seconds_per_step']:.2f} s, {alone['samples_per_second']:.2f} samples/s"
                       f" (each step: {_spread(alone['step_seconds'])} s)",
         "alone_mfu": f"{alone['utilisation']['median']:.2f}", "lora_rank": str(LORA_R),
-        "lora_step": f"{lora['seconds_per_step']:.2f} s per step ({results['lora_step_vs_full']:.2f}x the full step),"
-                     f" peak RSS {lora['peak_rss_bytes'] / gib:.2f} GiB against {alone['peak_rss_bytes'] / gib:.2f} GiB"
-                     f" ({results['lora_rss_vs_full']:.2f}x)",
+        "lora_step": _against_full(results, "lora", "the full step"),
+        "checkpointing_step": _against_full(results, "checkpointing", "the step without it"),
         "mfu_products_only": f"{alone['mfu_products_only']:.2f}", "peak_libraries": libraries,
         "peak": f"{d['peak']['fp32_matmul_flops'] / 1e9:.0f}", "flops_per_step": f"{alone['flops_per_step'] / 1e9:.0f}",
         "merge_seconds": f"{d['merge']['merge_seconds']:.2f}", "add_seconds": f"{d['merge']['add_seconds']:.2f}",
-        "memory": memory,
+        "memory": memory, "plan_vs_rss": _plan_figures(results),
     }  # fmt: skip
+
+
+def _against_full(results: dict, name: str, full: str) -> str:
+    """`name`'s run alone against our plain step alone (`full`: what to call it): step time and
+    peak RSS, and their ratios (`summarise`), or a dash where results.json predates the measurement."""
+    d, gib = results["details"], 2**30
+    if f"{name}_alone" not in d:
+        return "– (not in this results.json: measured by the next `make bench`)"
+    run, alone = d[f"{name}_alone"], d["ours_alone"]
+    return (
+        f"{run['seconds_per_step']:.2f} s per step ({results[f'{name}_step_vs_full']:.2f}x {full}), peak RSS"
+        f" {run['peak_rss_bytes'] / gib:.2f} GiB against {alone['peak_rss_bytes'] / gib:.2f} GiB"
+        f" ({results[f'{name}_rss_vs_full']:.2f}x)"
+    )
+
+
+def _plan_figures(results: dict) -> str:
+    """Planned ÷ measured peak of each run alone, or a dash where results.json predates the plan."""
+    planned = results.get("plan_vs_rss", {})
+    return " / ".join(f"{planned[name]:.2f}" if name in planned else "–" for name in OUR_STEP)
 
 
 def _split_fields(details: dict) -> dict[str, str]:

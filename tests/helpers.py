@@ -80,16 +80,18 @@ def train_tiny_warp(out: Path, policy_path: Path, config: WarpConfig, reward=goo
 
 
 class CapturingSGD:
-    """Optimiser stand-in: records the gradient it is asked to apply, then takes an SGD step."""
+    """Optimiser stand-in: records the gradient it is asked to apply (of the parameters that have
+    one: with LoRA, the adapters), then takes an SGD step (lr 0: none)."""
 
     def __init__(self, model, lr: float):
         self.model, self.param_groups, self.grads = model, [{"lr": lr}], {}
 
     def step(self):
-        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
         with torch.no_grad():
             for p in self.model.parameters():
-                p.sub_(self.param_groups[0]["lr"] * p.grad)
+                if p.grad is not None:
+                    p.sub_(self.param_groups[0]["lr"] * p.grad)
 
     def zero_grad(self, set_to_none=True):
         self.model.zero_grad(set_to_none=set_to_none)

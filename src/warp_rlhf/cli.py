@@ -31,6 +31,7 @@ COMMANDS = {
     "sweep": "train + evaluate for each value of one field",
     "experiment": "the paper's claims at matched KL, from an experiment file (experiments/paper.yaml)",
     "compare": "evaluated output folders against the first at matched KL: figure, table, verdict",
+    "plan": "the memory of one run and of one machine, from the config alone (no weights loaded, nothing written)",
 }
 COMPARE_DIR = "compare"
 """Where `compare` writes its figure and tables unless --output_dir says otherwise."""
@@ -225,6 +226,16 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _plan(config: WarpConfig, args: argparse.Namespace) -> int:
+    """Print the memory plan of `config` (`stages.plan`); it reads config files only."""
+    from warp_rlhf.stages.plan import plan, plan_text
+
+    if args.overwrite:
+        raise ConfigError("plan writes nothing: --overwrite does not apply")
+    print(plan_text(plan(config)))
+    return 0
+
+
 HANDLERS: dict[str, Callable[[WarpConfig, argparse.Namespace], int]] = {
     "reward": _reward,
     "train": _train,
@@ -277,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args, extra)
         config = load_config(args.config, _overrides(args, extra), demo=args.command == "demo", resume=args.resume)
+        if args.command == "plan":
+            return _plan(config, args)
         out = Path(config.output_dir)
         from warp_rlhf.cpu import keep_freed_memory
         from warp_rlhf.stages.output import owned, progress_summary

@@ -343,6 +343,15 @@ class WarpConfig:
         default=16,
         metadata={"affects": ("steps",), "help": "B: completions per policy-gradient step.", "allowed": AT_LEAST_1},
     )
+    num_generations: int = field(
+        default=1,
+        metadata={
+            "affects": ("steps",),
+            "help": "G: completions sampled per prompt (TRL's name); each batch holds batch_size / G prompts with G "
+            "completions each. 1: the paper (one completion per prompt).",
+            "allowed": AT_LEAST_1,
+        },
+    )
     learning_rate: float = field(
         default=3e-5,
         metadata={"affects": ("steps",), "help": "AdamW learning rate of the policy.", "allowed": POSITIVE},
@@ -392,8 +401,10 @@ class WarpConfig:
         default="none",
         metadata={
             "affects": ("steps",),
-            "help": "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean).",
-            "allowed": one_of("none", "mean", "loo"),
+            "help": "REINFORCE baseline: none (the paper), mean (batch mean), loo (leave-one-out mean), or per "
+            "prompt over its num_generations completions: group_mean (the group's mean), group_loo (the mean of the "
+            "others, RLOO's).",
+            "allowed": one_of("none", "mean", "loo", "group_mean", "group_loo"),
         },
     )
     warmup_steps: int = field(
@@ -418,6 +429,15 @@ class WarpConfig:
             "affects": ("steps",),
             "help": "Split each batch into this many micro-batches.",
             "allowed": AT_LEAST_1,
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "affects": (),
+            "help": "Recompute each decoder layer's activations in the backward pass instead of keeping them (TRL's "
+            "name): less memory, the same weights, more compute. null: on a GPU (TRL's default), off on a CPU, "
+            "where the recomputation costs more time than the memory is worth.",
         },
     )
     checkpoint_every: int = field(
@@ -502,7 +522,8 @@ class WarpConfig:
         default="fp32",
         metadata={
             "affects": ("steps",),
-            "help": "fp32, or bf16 autocast on a GPU (master weights and optimiser stay fp32; CPUs always use fp32).",
+            "help": "fp32, or bf16 autocast of the forward passes, on a GPU or a CPU (master weights, optimiser "
+            "and EMA anchor stay fp32).",
             "allowed": one_of("fp32", "bf16"),
         },
     )
@@ -701,6 +722,14 @@ def validate(config: WarpConfig) -> None:
         raise ConfigError(
             f"grad_accumulation_steps={config.grad_accumulation_steps} is out of range: "
             f"must divide batch_size ({config.batch_size})"
+        )
+    if config.batch_size % config.num_generations:
+        raise ConfigError(
+            f"num_generations={config.num_generations} is out of range: must divide batch_size ({config.batch_size})"
+        )
+    if config.baseline.startswith("group_") and config.num_generations < 2:
+        raise ConfigError(
+            f"baseline={config.baseline!r} compares the completions of one prompt: it needs num_generations >= 2"
         )
     if config.runs > 2 and config.slerp_lambda is not None and not math.isclose(config.slerp_lambda, 1 / config.runs):
         raise ConfigError(

@@ -1,6 +1,6 @@
 """What `make bench` runs, on the tiny models: the prompts handed to the measured processes, our
-step measured alone, side by side and with LoRA (one step each), and RESULTS.md rendered from
-those measurements and from the committed results."""
+step measured alone, side by side, with LoRA and with gradient checkpointing (one step each), and
+RESULTS.md rendered from those measurements and from the committed results."""
 
 import copy
 import json
@@ -36,6 +36,7 @@ def measured(tiny_policy, tiny_backbone, reviews_csv, tmp_path_factory):
         bench.record(results, "ours", [bench.measure_ours(STEPS, run) for run in (1, 2)], beside=True)
         bench.record(results, "ours", bench.measure_ours(STEPS), beside=False)
         bench.record(results, "lora", bench.measure_lora(STEPS), beside=False)
+        bench.record(results, "checkpointing", bench.measure_checkpointing(STEPS), beside=False)
         bench.record(results, "merge", bench.measure_merge(), beside=False)
     return prompts, results
 
@@ -49,25 +50,32 @@ def test_the_measured_processes_get_the_rl_prompts(measured):
 
 
 @pytest.mark.slow
-def test_our_step_is_measured_alone_side_by_side_and_with_lora(measured):
+def test_our_step_is_measured_alone_side_by_side_with_lora_and_with_checkpointing(measured):
     _, results = measured
     beside, alone, lora = results["ours_side_by_side"]["runs"], results["ours_alone"], results["lora_alone"]
-    for result in (*beside, alone, lora):
+    checkpointing = results["checkpointing_alone"]
+    for result in (*beside, alone, lora, checkpointing):
         assert len(result["step_seconds"]) == len(result["step_flops"]) == STEPS
         assert result["seconds_per_step"] > 0 and result["peak_rss_bytes"] > 0
         assert set(result["flops_per_phase"]) == PHASES and all(v > 0 for v in result["flops_per_phase"].values())
     assert set(alone["product_seconds"]) == PHASES - {"reward"}  # timed alone only for the run alone
     assert beside[0]["product_seconds"] is None and lora["product_seconds"] is None
+    assert checkpointing["product_seconds"] is None
     assert results["ours_side_by_side"]["samples_per_second"] == sum(r["samples_per_second"] for r in beside)
 
 
 @pytest.mark.slow
-def test_the_measurements_render_into_every_field_of_results_md(measured):
+def test_the_measurements_render_into_every_field_of_results_md(measured, tiny_policy, tiny_backbone, reviews_csv):
     results = copy.deepcopy(measured[1])
     trl = [{**run, "steps": STEPS} for run in results["ours_side_by_side"]["runs"]]  # `measure_trl`'s shape
     bench.record(results, "trl", trl, beside=True)
-    text = bench.results_markdown(bench.summarise(results), STEPS)
-    assert "$" not in text
+    with pytest.MonkeyPatch.context() as patch:  # the plan reads the same tiny models' configs
+        _tiny(patch, tiny_policy, tiny_backbone, reviews_csv, measured[0])
+        summary = bench.summarise(results)
+    assert set(summary["plan_vs_rss"]) == set(bench.OUR_STEP) and all(v > 0 for v in summary["plan_vs_rss"].values())
+    assert summary["checkpointing_rss_vs_full"] > 0 and summary["checkpointing_step_vs_full"] > 0
+    text = bench.results_markdown(summary, STEPS)
+    assert "$" not in text and "–" not in text.split("| `warp-rlhf plan`")[1].splitlines()[0]
     assert "the median of 1 step after warm-up" in text
 
 

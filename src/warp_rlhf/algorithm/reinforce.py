@@ -197,13 +197,15 @@ def run_seed(config: WarpConfig) -> int:
 
 
 def prompt_batch(prompts: list[Prompt], config: WarpConfig, spec: RunSpec, step: int) -> list[Prompt]:
-    """Step t's prompts: the next B of a run-specific, epoch-wise seeded order."""
-    n, batch = len(prompts), []
-    for k in range(step * config.batch_size, (step + 1) * config.batch_size):
+    """Step t's prompts: the next B / G of a run-specific, epoch-wise seeded order, each G times in
+    a row (G = `num_generations`: a prompt's group of completions, consecutive rows of the batch)."""
+    n, group, batch = len(prompts), config.num_generations, []
+    per_step = config.batch_size // group
+    for k in range(step * per_step, (step + 1) * per_step):
         epoch, position = divmod(k, n)
         order = list(range(n))
         random.Random(derived_seed(run_seed(config), spec.iteration, spec.run, "epoch", epoch)).shuffle(order)
-        batch.append(prompts[order[position]])
+        batch.extend([prompts[order[position]]] * group)
     return batch
 
 
@@ -212,32 +214,50 @@ def reward_beta(score: torch.Tensor, logp: torch.Tensor, logp_anchor: torch.Tens
     return score.to(logp) - beta * (logp - logp_anchor.to(logp))
 
 
-def advantages(r_beta: torch.Tensor, baseline: str) -> torch.Tensor:
-    """r_β − baseline: none (the paper), the batch mean, or the leave-one-out mean."""
+def advantages(r_beta: torch.Tensor, baseline: str, group: int = 1) -> torch.Tensor:
+    """r_β − baseline: none (the paper); over the batch, its mean or the leave-one-out mean of the
+    others; or per prompt, over its `group` consecutive rows (G completions): group_mean, the
+    group's mean (GRPO's centring), or group_loo, the mean of the group's others (RLOO's baseline)."""
     if baseline == "none":
         return r_beta
+    if baseline.startswith("group_"):
+        return _centred(r_beta.view(-1, group), baseline.removeprefix("group_")).flatten()
+    return _centred(r_beta, baseline)
+
+
+def _centred(values: torch.Tensor, baseline: str) -> torch.Tensor:
+    """values − their mean (`mean`) or the mean of the others (`loo`), along the last dimension."""
     if baseline == "mean":
-        return r_beta - r_beta.mean()
-    size = r_beta.numel()
+        return values - values.mean(-1, keepdim=True)
+    size = values.shape[-1]
     if size < 2:
-        return torch.zeros_like(r_beta)
-    return r_beta - (r_beta.sum() - r_beta) / (size - 1)
+        return torch.zeros_like(values)
+    return values - (values.sum(-1, keepdim=True) - values) / (size - 1)
 
 
 def kl_advantages(
-    score: torch.Tensor, logp: torch.Tensor, logp_anchor: torch.Tensor, beta: float, baseline: str
+    score: torch.Tensor, logp: torch.Tensor, logp_anchor: torch.Tensor, beta: float, baseline: str, group: int = 1
 ) -> Advantages:
     """r_β and A = r_β − baseline of rows with rewards `score`, detached ℓ `logp` and anchor ℓ
-    `logp_anchor`: the whole batch for a baseline over it; any rows for the paper's (none)."""
+    `logp_anchor`: the whole batch for a baseline over it, whole groups of `group` rows for a
+    baseline per prompt; any rows for the paper's (none)."""
     r_beta = reward_beta(score, logp, logp_anchor, beta)
-    return Advantages(r_beta, advantages(r_beta, baseline), logp - logp_anchor.to(logp))
+    return Advantages(r_beta, advantages(r_beta, baseline, group), logp - logp_anchor.to(logp))
 
 
 def autocast(config: WarpConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for forward passes on a GPU when `precision: bf16`; fp32 otherwise."""
-    if config.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast of the forward passes, on a GPU or a CPU, when `precision: bf16`; fp32
+    otherwise. The weights, their gradients, AdamW's moments and the EMA anchor stay fp32: an
+    update μ·(θ − θ_ema) far below bf16's resolution still moves the anchor. The CPU fast paths
+    that multiply on fp32 oneDNN step aside under it (`warp_rlhf.cpu`)."""
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def checkpoints_gradients(config: WarpConfig, device: torch.device) -> bool:
+    """`gradient_checkpointing`, where null means on a GPU (TRL's default) and off on a CPU."""
+    return device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
 
 
 def new_optimizer(policy: torch.nn.Module, config: WarpConfig):
@@ -303,6 +323,7 @@ class Trainer:
         self.policy.eval()  # no dropout (LoRA's own only in the training forward); gradients still flow
         self.policy_state, self.anchor_state = model_state(self.policy), model_state(self.anchor)
         self.device = next(policy.parameters()).device
+        self.checkpointing = checkpoints_gradients(config, self.device)
 
     def weights(self) -> State:
         """The policy's weights as the plain model names them (LoRA's merged: W + (α/r)·B·A)."""
@@ -408,7 +429,7 @@ class Trainer:
             # 2. the REINFORCE loss over micro-batches, −Σ_b A_b ℓ_b / B, its gradients accumulated.
             loss, entropy, terms = 0.0, 0.0, []
             for rows, part in parts:
-                with lean_backward(self.policy), self._dropout():  # the micro-batch's forward and backward
+                with lean_backward(self.policy), self._dropout(), pi.checkpointed(self.policy, self.checkpointing):
                     logp, token_entropy = self._sequence_logprobs(self.policy, part)
                     own = self._kl_advantages(trajectory, rows, logp.detach()) if batch is None else batch.rows(rows)
                     micro_loss = -(own.advantage * logp).sum() / config.batch_size
@@ -440,14 +461,18 @@ class Trainer:
 
     def _batch_advantages(self, trajectory: Trajectory, parts: list[tuple[slice, pi.Rollout]]) -> Advantages | None:
         """The batch's r_β and A from a no-grad pass, where a baseline spans several micro-batches;
-        None where the training forwards give them."""
-        if self.config.baseline == "none" or len(parts) == 1:
+        None where the training forwards give them (a baseline per prompt whose groups each lie
+        within one micro-batch included)."""
+        config = self.config
+        micro_batch = config.batch_size // config.grad_accumulation_steps
+        within_groups = config.baseline.startswith("group_") and micro_batch % config.num_generations == 0
+        if config.baseline == "none" or len(parts) == 1 or within_groups:
             return None
         return self._kl_advantages(trajectory, slice(None), self._no_grad_logp(self.policy, parts))
 
     def _kl_advantages(self, trajectory: Trajectory, rows: slice, logp: torch.Tensor) -> Advantages:
-        score, logp_anchor = trajectory.score[rows], trajectory.logp_anchor[rows]
-        return kl_advantages(score, logp, logp_anchor, self.config.beta, self.config.baseline)
+        config, score, logp_anchor = self.config, trajectory.score[rows], trajectory.logp_anchor[rows]
+        return kl_advantages(score, logp, logp_anchor, config.beta, config.baseline, config.num_generations)
 
     def _no_grad_logp(self, model, parts: list[tuple[slice, pi.Rollout]]) -> torch.Tensor:
         """ℓ of every row under `model`, without a gradient (nor dropout), a micro-batch at a time."""

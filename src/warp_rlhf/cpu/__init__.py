@@ -1,7 +1,7 @@
 """Optional fast paths: the same numbers as the model's own forward, with less time or memory.
 
 This is the one place the rest of warp-rlhf enters them. Each path steps aside where it does
-not apply (a GPU, half precision, an architecture it does not know) or where its
+not apply (a GPU, half precision or bf16 autocast, an architecture it does not know) or where its
 once-per-model probe finds that it does not reproduce the model's own logits
 (`probes.verdict`, logged once at debug level):
 

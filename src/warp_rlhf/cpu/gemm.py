@@ -10,7 +10,8 @@ model onto oneDNN for the forwards run inside it:
 - with a gradient (the policy's training forward): the same product, through `OneDnnLinear`,
   whose backward gives ∂x = ∂y W by oneDNN and ∂W = ∂yᵀ x by MKL (oneDNN's is no faster there).
 
-Anywhere else (GPU, half precision, a torch without oneDNN) every function here is the plain one.
+Anywhere else (GPU, half precision, CPU autocast, a torch without oneDNN) every function here is
+the plain one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ _ONEDNN = (
 
 
 def runs_on_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors are CPU fp32 and oneDNN is there."""
-    return _ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """Whether these tensors are CPU fp32, oneDNN is there, and no CPU autocast (`precision: bf16`)
+    would have the product in another precision."""
+    cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return _ONEDNN and cpu_fp32 and not torch.is_autocast_enabled("cpu")
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 It imports nothing of warp-rlhf above it; the CPU fast paths it takes are in `warp_rlhf.cpu`.
 """
 
+from warp_rlhf.policy.checkpointing import checkpointed
 from warp_rlhf.policy.logprobs import completion_logprobs, sequence_logprobs, token_logits
 from warp_rlhf.policy.rollout import Rollout, build_rollout, decode, mean_entropy, token_ids
 from warp_rlhf.policy.sampling import drawing_from, encode_prompts, forked_rng, sample
@@ -10,6 +11,7 @@ from warp_rlhf.policy.sampling import drawing_from, encode_prompts, forked_rng, 
 __all__ = [
     "Rollout",
     "build_rollout",
+    "checkpointed",
     "completion_logprobs",
     "decode",
     "drawing_from",

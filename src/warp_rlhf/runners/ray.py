@@ -8,6 +8,10 @@ driver stops, its tasks are cancelled.
 Nothing waits forever: an address where no cluster answers, or a cluster where no node has the
 CPUs and GPUs one run asks for (`ray_num_cpus`, `ray_num_gpus`), is one line before any task is
 submitted (Ray itself would retry the connection, or keep the task pending, without a word).
+
+GPUs: Ray gives each task `ray_num_gpus` of a node's GPUs and sets its CUDA_VISIBLE_DEVICES to
+them, so a run trains on `cuda`, the first GPU it sees, which is its own (`task_device`): with
+`ray_num_gpus: 1` each run has a GPU to itself, with `0.5` two runs share one.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def connect(config: WarpConfig):
         import ray
     except ImportError:
         raise WarpError("backend: ray needs Ray: pip install 'warp-rlhf[ray]'") from None
+    _check_device(config)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
         if address is not None:
@@ -44,6 +49,34 @@ def connect(config: WarpConfig):
         _started_here.add(ray.get_runtime_context().get_job_id())
     _check_resources(ray, config)
     return ray
+
+
+def _check_device(config: WarpConfig) -> None:
+    """A task sees only the GPUs Ray gave it: a named one (cuda:N) may not be among them, and a
+    task given none would take a GPU no task reserved."""
+    if config.device.startswith("cuda:"):
+        raise WarpError(
+            f"device={config.device!r} with backend: ray: Ray gives each run its own GPU (ray_num_gpus), "
+            "so name none: device auto or cuda"
+        )
+    if config.device == "cuda" and config.ray_num_gpus == 0:
+        raise WarpError("device='cuda' with backend: ray needs ray_num_gpus > 0: a run trains on the GPUs Ray gives it")
+
+
+def task_device(device: str, gpu_ids: list) -> str:
+    """The device a run trains on in a Ray task that Ray gave `gpu_ids` (`ray.get_gpu_ids()`): with
+    `device: auto`, `cuda` (its CUDA_VISIBLE_DEVICES are those GPUs) where it was given any, else
+    `cpu`, never a GPU that no task reserved; a device the config names, as named."""
+    if device != "auto":
+        return device
+    return "cuda" if gpu_ids else "cpu"
+
+
+def run_task(job: RunJob, spec: RunSpec, init_path: str, threads: int) -> str:
+    """One run as a Ray task (`worker.run_one`), on the device of the GPUs Ray gave it."""
+    import ray
+
+    return run_one(job, spec, init_path, threads, device=task_device(job.config.device, ray.get_gpu_ids()))
 
 
 def _check_reachable(address: str) -> None:
@@ -100,7 +133,7 @@ def run_on_ray(job: RunJob, specs: list[RunSpec], init_path: Path) -> None:
         num_gpus=config.ray_num_gpus,
         max_retries=config.ray_max_retries,  # a lost worker or node: the task resumes from its checkpoint
         retry_exceptions=False,  # an error of the run (a NaN, bad input) would only happen again
-    )(run_one)
+    )(run_task)
     threads = max(1, int(config.ray_num_cpus))
     pending = [task.remote(job, spec, str(init_path), threads) for spec in specs]
     try:

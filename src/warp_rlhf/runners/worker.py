@@ -24,19 +24,22 @@ class RunJob:
     """Everything a process needs to rebuild a run, as picklable values."""
 
     config: WarpConfig
-    make_trainer: Callable[[], Trainer]  # a module-level function or a partial of one
+    make_trainer: Callable[..., Trainer]  # a module-level function or a partial of one; device= where it trains
 
 
-def run_one(job: RunJob, spec: RunSpec, init_path: str, threads: int, bar: int | None = None) -> str:
-    """One REINFORCE run on `threads` torch threads (its progress bar on line `bar`); returns its
-    folder once done.json exists. Process-wide settings are made here, at the worker's start."""
+def run_one(
+    job: RunJob, spec: RunSpec, init_path: str, threads: int, bar: int | None = None, device: str | None = None
+) -> str:
+    """One REINFORCE run on `threads` torch threads (its progress bar on line `bar`) and on `device`
+    (None: the config's `torch_device`); returns its folder once done.json exists. Process-wide
+    settings are made here, at the worker's start."""
     import torch
 
     from warp_rlhf.cpu import keep_freed_memory
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    trainer = job.make_trainer()
+    trainer = job.make_trainer() if device is None else job.make_trainer(device=device)
     try:
         train_run(trainer, spec, Path(init_path), job.config.steps, bar=bar)
     finally:

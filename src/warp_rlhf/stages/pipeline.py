@@ -149,10 +149,16 @@ def reward_stage(config: WarpConfig, out: Path) -> dict:
 
 
 def trainer_from_folders(
-    config: WarpConfig, policy_path: str, out: str, prompts: list[Prompt], functions: Functions | None = None
+    config: WarpConfig,
+    policy_path: str,
+    out: str,
+    prompts: list[Prompt],
+    functions: Functions | None = None,
+    device: str | None = None,
 ) -> Trainer:
-    """A `Trainer` rebuilt from the policy's folder and the output folder (a run's own process)."""
-    device = config.torch_device
+    """A `Trainer` rebuilt from the policy's folder and the output folder (a run's own process), on
+    `device` (None: the config's `torch_device`; a Ray task's is that of the GPUs Ray gave it)."""
+    device = device or config.torch_device
     policy = load_causal_lm(policy_path, trust_remote_code=config.trust_remote_code).to(device)
     tokenizer = load_tokenizer(policy_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     rewards = build_rewards(config, Path(out), tokenizer, device, functions)

@@ -283,3 +283,12 @@ def check_reward(spec: str, config, functions: Functions | None = None) -> None:
     classifier = model_config(model["model"], "reward", trust_remote_code=config.trust_remote_code)
     output_index(classifier, model["output"], f"reward {model['model']}")
     check_loadable(model["model"], "reward", trust_remote_code=config.trust_remote_code)
+
+
+def classifier_model(spec: str) -> str | None:
+    """The model of a `reward_funcs` entry that is a classifier (MODEL or MODEL[OUTPUT]); None for
+    the trained reward model and for functions."""
+    if spec == TRAINED or _FUNCTION.match(spec) or _OBJECT.match(spec):
+        return None
+    model = _MODEL.match(spec)
+    return model["model"] if model else None
