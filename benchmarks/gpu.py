@@ -115,8 +115,8 @@ def new_policy(model_config: dict, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**{k: v for k, v in model_config.items() if k != "model_type"},
-                         pad_token_id=0, eos_token_id=EOS, bos_token_id=None)  # fmt: skip
+    fields = {k: v for k, v in model_config.items() if k != "model_type"}
+    config = LlamaConfig(**fields | {"pad_token_id": 0, "eos_token_id": EOS, "bos_token_id": None})
     with torch.device(device):
         return LlamaForCausalLM(config)
 
