@@ -252,7 +252,6 @@ class WarpConfig:
         },
     )
 
-
     # --- rewards ---------------------------------------------------------------------------
     reward_funcs: list[str] = field(
         default_factory=list,
