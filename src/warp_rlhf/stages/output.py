@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from warp_rlhf.checkpoint import read_json, write_json
+from warp_rlhf.checkpoint import read_json, remove_temporaries, write_json
 from warp_rlhf.config import EMBEDDED, WarpConfig, config_to_dict, fields_affecting, read_yaml, resolve_paths
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import LOCK_FILE, MANIFEST, OutputDir
@@ -182,10 +182,8 @@ def remove_stale_temporaries(out: Path) -> None:
         if _TEMPORARY.match(entry.name) and _ours(entry.name, owned):
             _remove(entry)
         elif entry.name in owned and entry.is_dir() and not entry.is_symlink():
-            for parent, folders, files in os.walk(entry):
-                for name in [*folders, *files]:
-                    if _TEMPORARY.match(name):
-                        _remove(Path(parent) / name)
+            for parent, folders, _ in os.walk(entry):
+                remove_temporaries(parent)
                 folders[:] = [name for name in folders if not _TEMPORARY.match(name)]
 
 
