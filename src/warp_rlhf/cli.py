@@ -29,7 +29,7 @@ COMMANDS = {
     "run": "reward → train → evaluate from one config",
     "demo": "`run` on the embedded default (SmolLM2-135M, MiniLM reward, IMDB reviews)",
     "sweep": "train + evaluate for each value of one field",
-    "experiment": "the paper's claims at matched KL, from an experiment file (experiments/paper.yaml)",
+    "experiment": "the claims of WARP (experiments/paper.yaml) or of WARM (experiments/warm.yaml)",
     "compare": "evaluated output folders against the first at matched KL: figure, table, verdict",
     "plan": "the memory of one run and of one machine, from the config alone (no weights loaded, nothing written)",
 }
@@ -195,19 +195,27 @@ def _sweep(config: WarpConfig, args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace, extra: list[str]) -> int:
     """Run an experiment file (`stages.experiment`); it takes no config flags."""
+    from warp_rlhf.config import read_yaml
     from warp_rlhf.cpu import keep_freed_memory
-    from warp_rlhf.stages.experiment import Experiment, claims_table, run_experiment
+    from warp_rlhf.stages import experiment as paper
+    from warp_rlhf.stages import warm_experiment as warm
     from warp_rlhf.stages.output import OutputLock
 
     if args.config is None:
         raise ConfigError("experiment needs --config FILE (for example experiments/paper.yaml)")
     if _overrides(args, extra) or args.overwrite or args.resume:
         raise ConfigError("experiment takes its settings from its file and always resumes: no flags but --config")
-    experiment = Experiment.load(args.config)
+    kind = read_yaml(args.config).get("experiment", "paper")
+    if kind not in ("paper", "warm"):
+        raise ConfigError(f"experiment file {args.config}: experiment={kind!r} is not one of paper, warm")
+    experiment = warm.WarmExperiment.load(args.config) if kind == "warm" else paper.Experiment.load(args.config)
+    run, table = (
+        (warm.run_warm_experiment, warm.claims_table) if kind == "warm" else (paper.run_experiment, paper.claims_table)
+    )
     keep_freed_memory()
     with OutputLock(experiment.root.root):
-        results = run_experiment(experiment)
-    print(claims_table(results))
+        results = run(experiment)
+    print(table(results))
     print(f"results and figures → {experiment.report_dir}")
     return 0
 

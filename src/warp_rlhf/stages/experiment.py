@@ -42,7 +42,7 @@ from warp_rlhf.stages.plots import KL_LABEL, save_figure
 from warp_rlhf.stages.report import timed
 from warp_rlhf.stages.sweep import share_data
 
-KEYS = ("config", "seeds", "nu", "claim_5_runs", "report_dir")
+KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "report_dir")
 """What an experiment file may hold."""
 
 
@@ -117,12 +117,12 @@ class Experiment:
                 raise ConfigError(f"experiment file {path}: unknown key {key!r} (keys: {', '.join(KEYS)})")
         config = _config(path, data.get("config", {}))
         seeds, nu = data.get("seeds", [0, 1]), data.get("nu", [0.5, 1.0])
-        _expect(path, "seeds", seeds, _seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
-        _expect(path, "nu", nu, _nu_ok(nu), "a list of distinct numbers in (0, 1], 1 among them")
+        expect(path, "seeds", seeds, seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
+        expect(path, "nu", nu, nu_ok(nu), "a list of distinct numbers in (0, 1], 1 among them")
         runs = data.get("claim_5_runs", config.runs + 2)
-        _expect(path, "claim_5_runs", runs, _integer(runs) and runs > config.runs, f"an integer > runs ({config.runs})")
+        expect(path, "claim_5_runs", runs, integer(runs) and runs > config.runs, f"an integer > runs ({config.runs})")
         report = data.get("report_dir", str(Path(config.output_dir) / "report"))
-        _expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
+        expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
         experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report))
         experiment.arms()  # every arm's config is checked now, before any work
         return experiment
@@ -169,25 +169,25 @@ class Experiment:
         ]  # fmt: skip
 
 
-def _expect(path: str | Path, key: str, value: Any, ok: bool, expected: str) -> None:
+def expect(path: str | Path, key: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
         raise ConfigError(f"experiment file {path}: {key}={value!r} is not {expected}")
 
 
-def _integer(value: Any) -> bool:
+def integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _seeds_ok(seeds: Any) -> bool:
+def seeds_ok(seeds: Any) -> bool:
     return (
         isinstance(seeds, list)
         and len(seeds) > 0
-        and all(_integer(s) and s >= 0 for s in seeds)
+        and all(integer(s) and s >= 0 for s in seeds)
         and len(set(seeds)) == len(seeds)
     )
 
 
-def _nu_ok(nu: Any) -> bool:
+def nu_ok(nu: Any) -> bool:
     """Numbers in (0, 1] with 1 among them, distinct as the policies' names write them."""
     numbers = isinstance(nu, list) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nu
@@ -195,13 +195,18 @@ def _nu_ok(nu: Any) -> bool:
     return numbers and all(0 < v <= 1 for v in nu) and 1 in nu and len({f"{v:g}" for v in nu}) == len(nu)
 
 
-def _config(path: str | Path, fields: Any) -> WarpConfig:
-    """The shared setting: a mapping of config fields, checked as `WarpConfig` checks its own."""
-    _expect(path, "config", fields, isinstance(fields, dict), "a mapping of config fields")
+def config_fields(path: str | Path, fields: Any) -> WarpConfig:
+    """An experiment's shared setting: a mapping of config fields, checked as `WarpConfig` checks its own."""
+    expect(path, "config", fields, isinstance(fields, dict), "a mapping of config fields")
     for name in fields:
         if name not in FIELDS:
             raise unknown_field(name)
-    config = WarpConfig(**fields)
+    return WarpConfig(**fields)
+
+
+def _config(path: str | Path, fields: Any) -> WarpConfig:
+    """The shared setting of the paper's claims."""
+    config = config_fields(path, fields)
     if config.iterations < 2 or config.runs < 2:
         raise ConfigError(
             f"experiment file {path}: the claims need iterations >= 2 and runs >= 2 (claims 4 and 2), "
@@ -221,7 +226,7 @@ def run_experiment(experiment: Experiment) -> dict:
         _train(arm, shared_out, arms)
     curves = _curves(experiment, arms)
     with timed(experiment.root.root, "evaluate"):
-        evaluated = evaluate_points(shared, shared_out, lambda sft: _points(curves, sft), experiment.root)
+        evaluated = evaluate_points(shared, shared_out, lambda sft: policy_points(curves, sft), experiment.root)
     folders = [OutputDir(shared_out), *(arm.out for arm in arms.values())]
     seconds = sum(sum(read_json(folder.timings).values()) for folder in folders if folder.timings.exists())
     seconds += read_json(experiment.root.timings)["evaluate"]
@@ -269,7 +274,7 @@ def _merge(folder: OutputDir, runs: int, method: str, weight: float | None) -> S
     return merge_task_vectors(load_tensors(folder.init(1)), load, runs, weight, method)
 
 
-def _front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
+def front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
     """The LITI front of the policy `theta()`, one point `<name>_nu<ν>` per ν."""
     return Curve(name, tuple(CurvePoint(f"{name}_nu{v:g}", v, functools.partial(_interpolated, theta, v)) for v in nu))
 
@@ -287,24 +292,24 @@ def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
     for s in experiment.seeds:
         arm = arms[f"warp_seed{s}"]
         final = functools.partial(load_tensors, arm.out.slerp(arm.config.iterations))
-        curves += [_front(f"warp_seed{s}", final, nu), _trajectory(f"reinforce_seed{s}", arm)]
+        curves += [front(f"warp_seed{s}", final, nu), _trajectory(f"reinforce_seed{s}", arm)]
     out, runs = arms[f"warp_seed{first}"].out, experiment.config.runs
     weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with
     curves += [
-        _front("iteration_1", functools.partial(load_tensors, out.slerp(1)), nu),
-        _front("lerp_iteration_1", functools.partial(_merge, out, runs, "lerp", weight), nu),
+        front("iteration_1", functools.partial(load_tensors, out.slerp(1)), nu),
+        front("lerp_iteration_1", functools.partial(_merge, out, runs, "lerp", weight), nu),
         _trajectory("reinforce_ema", arms["reinforce_ema"]),
     ]
     more = arms["more_runs"].out
     curves += [
-        _front(f"runs_{m}", functools.partial(_merge, more, m, "slerp", None), nu)
+        front(f"runs_{m}", functools.partial(_merge, more, m, "slerp", None), nu)
         for m in range(1, experiment.claim_5_runs + 1)
         if m != runs  # M = runs is iteration_1 itself
     ]
     return {curve.name: curve for curve in curves}
 
 
-def _points(curves: dict[str, Curve], sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
+def policy_points(curves: dict[str, Curve], sft: State) -> list[tuple[str, dict, Callable[[], State]]]:
     """What `evaluate_points` samples: the SFT policy, then every curve's points."""
     points = [("sft", {"kind": "sft"}, lambda: sft)]
     for curve in curves.values():
