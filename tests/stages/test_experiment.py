@@ -23,7 +23,7 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
         "eval_prompts": 16, "max_new_tokens": 4, "iterations": 2, "runs": 2, "steps": 2, "batch_size": 4,
         "learning_rate": 1e-2, "reward_epochs": 0.5, "device": "cpu",
     }  # fmt: skip
-    spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0], "claim_5_runs": 3,
+    spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0, 1.5], "claim_5_runs": 3,
             "report_dir": str(tmp_path / "report")}  # fmt: skip
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
     docs = {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")}
@@ -33,7 +33,21 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     claims = {(c["claim"], c["seed"]) for c in results["claims"]}
     assert claims == {("ema_anchor", 0), ("slerp_vs_lerp", 0), ("warp_vs_reinforce", 0), ("warp_vs_reinforce", 1),
+                      ("warp_extrapolated_vs_reinforce", 0), ("warp_extrapolated_vs_reinforce", 1),
                       ("iterations", 0), ("more_runs", 0)}  # fmt: skip
+    # ν > 1 extrapolates claim 3's fronts only; its verdicts use the merge's points, ν ≤ 1
+    assert results["curves"]["warp_seed0"] == ["warp_seed0_nu0.5", "warp_seed0_nu1", "warp_seed0_nu1.5"]
+    assert results["curves"]["iteration_1"] == ["iteration_1_nu0.5", "iteration_1_nu1"]
+    assert results["extrapolated"] == ["warp_seed0_nu1.5", "warp_seed1_nu1.5"]
+    by_key = {(c["claim"], c["seed"]): c for c in results["claims"]}
+    assert by_key[("warp_vs_reinforce", 0)]["endpoints"]["a"] == "warp_seed0_nu1"
+    assert by_key[("warp_extrapolated_vs_reinforce", 0)]["endpoints"]["a"] == "warp_seed0_nu1.5"
+    for seed in (0, 1):  # A − B across the shared range, for the difference figure
+        across = by_key[("warp_vs_reinforce", seed)]["across"]
+        assert len(across) == 21 and all(d["se"] > 0 for d in across)
+        assert [d["kl"] for d in across] == sorted(d["kl"] for d in across)
+    assert (tmp_path / "report" / "warp_vs_reinforce_difference.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "report" / "warp_extrapolated_vs_reinforce.png").exists()
     for claim in results["claims"]:
         assert claim["verdict"] in {"holds", "does not hold", "inconclusive"} and len(claim["differences"]) == 3
     for key in ("ema_anchor", "slerp_vs_lerp", "warp_vs_reinforce", "iterations", "more_runs"):
@@ -72,7 +86,8 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
     ("text", "named"),
     [
         ("config: [1, 2]", "config=[1, 2] is not a mapping of config fields"),
-        ("nu: 0.5", "nu=0.5 is not a list of distinct numbers in (0, 1], 1 among them"),
+        ("nu: 0.5", "nu=0.5 is not a list of distinct numbers in (0, 4], 1 among them (past 1: extrapolation)"),
+        ("nu: [0.5, 1, 4.5]", "nu=[0.5, 1, 4.5] is not a list of distinct numbers in (0, 4]"),
         ("nu: [0.5]", "nu=[0.5] is not a list"),
         ("nu: [0.5, 1, 1.0]", "nu=[0.5, 1, 1.0] is not a list of distinct"),
         ("seeds: 7", "seeds=7 is not a non-empty list of distinct integers >= 0"),
@@ -96,7 +111,9 @@ def test_a_wrong_experiment_file_is_one_line_naming_the_key_and_value(tmp_path, 
 
 def test_the_repository_s_experiment_file_loads_and_reports_into_its_own_folder():
     experiment = Experiment.load(REPO / "experiments" / "paper.yaml")
-    assert experiment.report_dir == Path("docs/paper-claims") and experiment.nu == [0.3333, 0.6667, 1.0]
+    assert experiment.report_dir == Path("docs/paper-claims") and experiment.nu[-1] > 1
+    assert experiment.seeds == [0, 1, 2] and experiment.config.trajectory_points >= 12
     assert [claim.key for claim in experiment.claims()] == [
-        "ema_anchor", "slerp_vs_lerp", "warp_vs_reinforce", "warp_vs_reinforce", "iterations", "more_runs"
+        "ema_anchor", "slerp_vs_lerp", *["warp_vs_reinforce"] * 3, *["warp_extrapolated_vs_reinforce"] * 3,
+        "iterations", "more_runs",
     ]  # fmt: skip

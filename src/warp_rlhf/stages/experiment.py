@@ -36,7 +36,7 @@ from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
 from warp_rlhf.config import FIELDS, WarpConfig, read_yaml, unknown_field, validate
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import OutputDir
-from warp_rlhf.stages.compare import Point, compare, paired_difference, point_of, verdict
+from warp_rlhf.stages.compare import Point, compare, overlap, paired_difference, point_of, verdict
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage
 from warp_rlhf.stages.plots import KL_LABEL, save_figure
 from warp_rlhf.stages.report import timed
@@ -44,6 +44,21 @@ from warp_rlhf.stages.sweep import share_data
 
 KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "report_dir")
 """What an experiment file may hold."""
+
+NU_MAX = 4.0
+"""The largest ν of a front: past 1, θ_sft + ν (θ − θ_sft) extrapolates the merge (ExPO, Zheng et
+al. 2024), at no training cost."""
+
+NU_VALUES = f"a list of distinct numbers in (0, {NU_MAX:g}], 1 among them (past 1: extrapolation)"
+
+EXTRAPOLATED = "warp_extrapolated_vs_reinforce"
+"""Claim 3 with WARP's front extended past the merge (ν > 1): its figure is the difference figure."""
+
+DIFFERENCE_CLAIMS = ("warp_vs_reinforce", EXTRAPOLATED)
+"""The claims whose A − B is also drawn across the whole shared KL range."""
+
+DIFFERENCE_POINTS = 21
+"""KL values at which claim 3's A − B is drawn across the shared range (`difference_figure`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +88,23 @@ class CurvePoint:
 
 @dataclasses.dataclass(frozen=True)
 class Curve:
-    """A LITI front or a REINFORCE trajectory; both start at the SFT policy, which is not among
-    `points`."""
+    """A LITI front (`front`: x is ν) or a REINFORCE trajectory (x is the step); both start at the
+    SFT policy, which is not among `points`. A front's points past ν = 1 extrapolate."""
 
     name: str
     points: tuple[CurvePoint, ...]
+    front: bool = True
+
+    @property
+    def merged(self) -> Curve:
+        """The front without its extrapolated points (ν ≤ 1); a trajectory as it is."""
+        if not self.front:
+            return self
+        return dataclasses.replace(self, points=tuple(p for p in self.points if p.x <= 1))
 
     @property
     def end(self) -> CurvePoint:
-        """ν = 1, or the trajectory's last step."""
+        """The last point: ν = 1 of a merged front, its largest ν otherwise, a trajectory's last step."""
         return self.points[-1]
 
 
@@ -96,6 +119,7 @@ class Claim:
     b: str
     label_a: str
     label_b: str
+    extrapolated: bool = False  # A is its front with the points past ν = 1
 
 
 @dataclasses.dataclass
@@ -118,7 +142,7 @@ class Experiment:
         config = _config(path, data.get("config", {}))
         seeds, nu = data.get("seeds", [0, 1]), data.get("nu", [0.5, 1.0])
         expect(path, "seeds", seeds, seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
-        expect(path, "nu", nu, nu_ok(nu), "a list of distinct numbers in (0, 1], 1 among them")
+        expect(path, "nu", nu, nu_ok(nu), NU_VALUES)
         runs = data.get("claim_5_runs", config.runs + 2)
         expect(path, "claim_5_runs", runs, integer(runs) and runs > config.runs, f"an integer > runs ({config.runs})")
         report = data.get("report_dir", str(Path(config.output_dir) / "report"))
@@ -162,6 +186,10 @@ class Experiment:
             *(Claim("warp_vs_reinforce", "WARP's LITI front lies above the REINFORCE trajectory at equal compute.",
                     s, f"warp_seed{s}", f"reinforce_seed{s}", "WARP LITI front", "REINFORCE trajectory")
               for s in self.seeds),
+            *(Claim(EXTRAPOLATED, f"WARP's LITI front extrapolated to ν = {max(self.nu):g} lies above the REINFORCE "
+                    "trajectory at equal compute.", s, f"warp_seed{s}", f"reinforce_seed{s}",
+                    f"WARP front, ν up to {max(self.nu):g}", "REINFORCE trajectory", extrapolated=True)
+              for s in self.seeds if max(self.nu) > 1),
             Claim("iterations", "Each iteration, starting from the previous LITI point, lifts the front.", first,
                   f"warp_seed{first}", "iteration_1", "front of iteration I", "front of iteration 1"),
             Claim("more_runs", "Merging more runs M gives a better merged policy.", first, f"runs_{most}", "runs_1",
@@ -188,11 +216,11 @@ def seeds_ok(seeds: Any) -> bool:
 
 
 def nu_ok(nu: Any) -> bool:
-    """Numbers in (0, 1] with 1 among them, distinct as the policies' names write them."""
+    """Numbers in (0, `NU_MAX`] with 1 among them, distinct as the policies' names write them."""
     numbers = isinstance(nu, list) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nu
     )
-    return numbers and all(0 < v <= 1 for v in nu) and 1 in nu and len({f"{v:g}" for v in nu}) == len(nu)
+    return numbers and all(0 < v <= NU_MAX for v in nu) and 1 in nu and len({f"{v:g}" for v in nu}) == len(nu)
 
 
 def config_fields(path: str | Path, fields: Any) -> WarpConfig:
@@ -282,7 +310,8 @@ def front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
 def _trajectory(name: str, arm: Arm) -> Curve:
     """The REINFORCE baseline of `arm`, one point `<name>_step<k>` per evaluated checkpoint."""
     files = trajectory_files(arm.config, arm.out.baseline)
-    return Curve(name, tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p)) for k, p in files))
+    points = tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p)) for k, p in files)
+    return Curve(name, points, front=False)
 
 
 def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
@@ -293,6 +322,7 @@ def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
         arm = arms[f"warp_seed{s}"]
         final = functools.partial(load_tensors, arm.out.slerp(arm.config.iterations))
         curves += [front(f"warp_seed{s}", final, nu), _trajectory(f"reinforce_seed{s}", arm)]
+    nu = [v for v in nu if v <= 1]  # the other claims compare merges, not their extrapolations
     out, runs = arms[f"warp_seed{first}"].out, experiment.config.runs
     weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with
     curves += [
@@ -322,8 +352,9 @@ def policy_points(curves: dict[str, Curve], sft: State) -> list[tuple[str, dict,
 
 def _answer(claim: Claim, curves: dict[str, Curve], evaluated: dict) -> dict:
     """A claim's record in results.json: A − B at matched KL and its verdict, and A − B between
-    the curves' ends, paired over prompts (reward, and KL in nats)."""
-    a, b = curves[claim.a], curves[claim.b]
+    the curves' ends, paired over prompts (reward, and KL in nats). Claim 3's also holds A − B
+    across the whole shared KL range (`across`), for its difference figure."""
+    a, b = curves[claim.a] if claim.extrapolated else curves[claim.a].merged, curves[claim.b].merged
     sft = point_of(evaluated["sft"][1])
 
     def points(curve: Curve) -> list[Point]:
@@ -340,7 +371,15 @@ def _answer(claim: Claim, curves: dict[str, Curve], evaluated: dict) -> dict:
         "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
         "endpoints": {"a": a.end.name, "b": b.end.name, "reward_difference": reward, "reward_se": reward_se,
                       "kl_difference": kl, "kl_se": kl_se},
-    }  # fmt: skip
+    } | ({"across": _across(points(a), points(b))} if claim.key in DIFFERENCE_CLAIMS else {})  # fmt: skip
+
+
+def _across(a: list[Point], b: list[Point]) -> list[dict]:
+    """A − B at `DIFFERENCE_POINTS` KL values evenly inside the shared range, each with its
+    paired-bootstrap standard error."""
+    low, high = overlap(a, b)
+    kls = [low + (high - low) * (k + 1) / (DIFFERENCE_POINTS + 1) for k in range(DIFFERENCE_POINTS)]
+    return [{"kl": d.kl, "difference": d.difference, "se": d.se} for d in compare(a, b, kls)]
 
 
 def _results(experiment: Experiment, curves: dict[str, Curve], evaluated: dict, seconds: float) -> dict:
@@ -351,13 +390,14 @@ def _results(experiment: Experiment, curves: dict[str, Curve], evaluated: dict, 
         "iterations": config.iterations, "runs": config.runs, "steps": config.steps, "batch_size": config.batch_size,
         "learning_rate": config.learning_rate, "eval_prompts": len(evaluated["sft"][1].prompts),
         "seeds": experiment.seeds, "claim_5_runs": experiment.claim_5_runs, "nu": experiment.nu,
-        "seconds": round(seconds),
+        "trajectory_points": config.trajectory_points, "seconds": round(seconds),
     }  # fmt: skip
     return {
         "budget": budget,
         "claims": [_answer(claim, curves, evaluated) for claim in experiment.claims()],
         "policies": policies,
         "curves": {name: [p.name for p in curve.points] for name, curve in curves.items()},
+        "extrapolated": [p.name for curve in curves.values() if curve.front for p in curve.points if p.x > 1],
     }
 
 
@@ -366,7 +406,10 @@ def write_report(experiment: Experiment, results: dict) -> None:
     folder = experiment.report_dir
     write_json(folder / "results.json", results)
     for key in dict.fromkeys(claim["claim"] for claim in results["claims"]):
-        save_figure(claim_figure(results, key), folder / f"{key}.png")
+        if key != EXTRAPOLATED:
+            save_figure(claim_figure(results, key), folder / f"{key}.png")
+    if any("across" in claim for claim in results["claims"]):
+        save_figure(difference_figure(results), folder / "warp_vs_reinforce_difference.png")
     write_text(folder / "claims.md", claims_table(results))
 
 
@@ -388,8 +431,10 @@ def claims_table(results: dict) -> str:
 
 
 def claim_figure(results: dict, key: str) -> Figure:
-    """Reward against KL with error bars for the curves a claim compares (every seed's)."""
+    """Reward against KL with error bars for the curves a claim compares (every seed's); a front's
+    points past ν = 1 dotted."""
     policies, curves = results["policies"], results["curves"]
+    beyond = set(results.get("extrapolated", []))
     figure = Figure(figsize=(6.4, 4.6))
     axes = figure.subplots()
     sft = policies["sft"]
@@ -399,15 +444,51 @@ def claim_figure(results: dict, key: str) -> Figure:
             if curve in drawn:
                 continue
             drawn.add(curve)
-            rows = [sft] + [policies[name] for name in curves[curve]]
-            axes.errorbar(
-                [r["kl_exact_mean"] for r in rows], [r["reward_mean"] for r in rows],
-                xerr=[r["kl_exact_se"] for r in rows], yerr=[r["reward_se"] for r in rows],
-                fmt="-o", capsize=3, label=f"{label} ({curve})",
-            )  # fmt: skip
+            names = curves[curve]
+            merged = [n for n in names if n not in beyond]
+            color = _errorbars(axes, [sft] + [policies[n] for n in merged], "-o", f"{label} ({curve})")
+            if len(merged) < len(names):
+                rows = [policies[n] for n in [merged[-1], *(n for n in names if n in beyond)]]
+                _errorbars(axes, rows, ":o", f"{curve}, extrapolated (ν > 1)", color)
     axes.set_xlabel(KL_LABEL)
     axes.set_ylabel("mean reward")
     axes.set_title(key.replace("_", " "))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
+    return figure
+
+
+def _errorbars(axes, rows: list[dict], fmt: str, label: str, color: str | None = None) -> str:
+    """Mean reward against mean KL of `rows`, ± their standard errors; the line's colour."""
+    bars = axes.errorbar(
+        [r["kl_exact_mean"] for r in rows], [r["reward_mean"] for r in rows],
+        xerr=[r["kl_exact_se"] for r in rows], yerr=[r["reward_se"] for r in rows],
+        fmt=fmt, capsize=3, label=label, color=color,
+    )  # fmt: skip
+    return bars.lines[0].get_color()
+
+
+def difference_figure(results: dict) -> Figure:
+    """Claim 3, one panel per seed: WARP's front − the REINFORCE trajectory against KL across the
+    whole shared range, ± 2 paired-bootstrap standard errors (a band); with ν > 1, the extrapolated
+    front too. Above zero WARP leads at that KL; a band that holds zero is no lead either way."""
+    seeds = sorted({c["seed"] for c in results["claims"] if "across" in c})
+    figure = Figure(figsize=(4.2 * len(seeds), 3.8))
+    panels = figure.subplots(1, len(seeds), squeeze=False)[0]
+    for axes, seed in zip(panels, seeds, strict=True):
+        for claim in (c for c in results["claims"] if "across" in c and c["seed"] == seed):
+            kl = [d["kl"] for d in claim["across"]]
+            difference = [d["difference"] for d in claim["across"]]
+            band = [2 * d["se"] for d in claim["across"]]
+            (line,) = axes.plot(kl, difference, label=claim["label_a"])
+            axes.fill_between(
+                kl, [d - b for d, b in zip(difference, band, strict=True)],
+                [d + b for d, b in zip(difference, band, strict=True)], alpha=0.25, color=line.get_color(),
+            )  # fmt: skip
+        axes.axhline(0.0, color="black", linewidth=0.8)
+        axes.set_title(f"seed {seed}")
+        axes.set_xlabel(KL_LABEL)
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("reward: WARP − REINFORCE (± 2 s.e.)")
+    panels[0].legend(fontsize=7)
     return figure

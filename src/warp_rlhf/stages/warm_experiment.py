@@ -90,7 +90,7 @@ class WarmExperiment:
         paper.expect(path, "gold_pairs", gold, paper.integer(gold) and gold > 0, "an integer > 0")
         seeds, nu = data.get("seeds", [0]), data.get("nu", [0.5, 1.0])
         paper.expect(path, "seeds", seeds, paper.seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
-        paper.expect(path, "nu", nu, paper.nu_ok(nu), "a list of distinct numbers in (0, 1], 1 among them")
+        paper.expect(path, "nu", nu, paper.nu_ok(nu), paper.NU_VALUES)
         report = data.get("report_dir", str(Path(config.output_dir) / "report"))
         paper.expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
         experiment = cls(
