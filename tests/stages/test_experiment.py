@@ -23,7 +23,7 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
         "eval_prompts": 16, "max_new_tokens": 4, "iterations": 2, "runs": 2, "steps": 2, "batch_size": 4,
         "learning_rate": 1e-2, "reward_epochs": 0.5, "device": "cpu",
     }  # fmt: skip
-    spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0, 1.5], "claim_5_runs": 3,
+    spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0, 1.5], "claim_5_runs": 3, "rloo": ["ema", "fixed"],
             "report_dir": str(tmp_path / "report")}  # fmt: skip
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
     docs = {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")}
@@ -34,7 +34,18 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
     claims = {(c["claim"], c["seed"]) for c in results["claims"]}
     assert claims == {("ema_anchor", 0), ("slerp_vs_lerp", 0), ("warp_vs_reinforce", 0), ("warp_vs_reinforce", 1),
                       ("warp_extrapolated_vs_reinforce", 0), ("warp_extrapolated_vs_reinforce", 1),
-                      ("iterations", 0), ("more_runs", 0)}  # fmt: skip
+                      ("warp_vs_rloo_ema", 0), ("warp_vs_rloo_ema", 1), ("warp_vs_rloo_fixed", 0),
+                      ("warp_vs_rloo_fixed", 1), ("iterations", 0), ("more_runs", 0)}  # fmt: skip
+    # TRL's RLOOTrainer arms: their trajectories as dense as REINFORCE's, TRL's settings written
+    assert len(results["curves"]["rloo_ema_seed1"]) == len(results["curves"]["reinforce_seed1"]) == 4
+    assert results["rloo"]["ema"]["settings"]["sync_ref_model"] is True
+    assert results["rloo"]["fixed"]["settings"]["sync_ref_model"] is False
+    assert results["rloo"]["ema"]["settings"]["max_steps"] == 2 * 2 * 2  # equal compute: I·M·T steps
+    assert [row["method"] for row in results["seconds_per_step"]] == ["warp", "reinforce", "rloo_ema", "rloo_fixed"]
+    level = results["seed_level"]  # the methods as means over the 2 training seeds
+    assert [c["claim"] for c in level["claims"]] == ["warp_vs_reinforce", "warp_vs_rloo_ema", "warp_vs_rloo_fixed"]
+    assert all(curve["seeds"] == 2 and len(curve["mean"]) == 21 for curve in level["curves"].values())
+    assert (tmp_path / "report" / "seed_level.png").read_bytes()[:4] == b"\x89PNG"
     # ν > 1 extrapolates claim 3's fronts only; its verdicts use the merge's points, ν ≤ 1
     assert results["curves"]["warp_seed0"] == ["warp_seed0_nu0.5", "warp_seed0_nu1", "warp_seed0_nu1.5"]
     assert results["curves"]["iteration_1"] == ["iteration_1_nu0.5", "iteration_1_nu1"]
@@ -88,6 +99,7 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("config: [1, 2]", "config=[1, 2] is not a mapping of config fields"),
         ("nu: 0.5", "nu=0.5 is not a list of distinct numbers in (0, 4], 1 among them (past 1: extrapolation)"),
         ("nu: [0.5, 1, 4.5]", "nu=[0.5, 1, 4.5] is not a list of distinct numbers in (0, 4]"),
+        ("rloo: [ema, ppo]", "rloo=['ema', 'ppo'] is not a list of distinct references among ema, fixed"),
         ("nu: [0.5]", "nu=[0.5] is not a list"),
         ("nu: [0.5, 1, 1.0]", "nu=[0.5, 1, 1.0] is not a list of distinct"),
         ("seeds: 7", "seeds=7 is not a non-empty list of distinct integers >= 0"),
@@ -96,7 +108,7 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("claim_5_runs: many", "claim_5_runs='many' is not an integer > runs (2)"),
         ("claim_5_runs: 2", "claim_5_runs=2 is not an integer > runs (2)"),
         ("report_dir: [a]", "report_dir=['a'] is not a folder (a string)"),
-        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, report_dir)"),
+        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, rloo, report_dir)"),
         ("1: 2", "key 1"),
         ("config: {1: 2}", "key 1"),
         ("config: {liti_rat: 0.5}", "unknown config field 'liti_rat' (did you mean 'liti_rate'?)"),

@@ -29,7 +29,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from warp_rlhf.algorithm.baseline import trajectory_files
+from warp_rlhf.algorithm.baseline import total_steps, trajectory_files
 from warp_rlhf.algorithm.merge import State, lerp, merge_task_vectors
 from warp_rlhf.algorithm.warp import run_tensors
 from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
@@ -40,9 +40,11 @@ from warp_rlhf.stages.compare import Point, compare, overlap, paired_difference,
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage
 from warp_rlhf.stages.plots import KL_LABEL, save_figure
 from warp_rlhf.stages.report import timed
+from warp_rlhf.stages.rloo import METRICS, VARIANTS, rloo_files, rloo_folder, train_rloo
+from warp_rlhf.stages.seed_level import seed_level, seed_level_figure
 from warp_rlhf.stages.sweep import share_data
 
-KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "report_dir")
+KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "rloo", "report_dir")
 """What an experiment file may hold."""
 
 NU_MAX = 4.0
@@ -53,6 +55,9 @@ NU_VALUES = f"a list of distinct numbers in (0, {NU_MAX:g}], 1 among them (past 
 
 EXTRAPOLATED = "warp_extrapolated_vs_reinforce"
 """Claim 3 with WARP's front extended past the merge (ν > 1): its figure is the difference figure."""
+
+REFERENCES = {"ema": "EMA reference", "fixed": "fixed reference"}
+"""The RLOO arms' KL references, as the claims name them."""
 
 DIFFERENCE_CLAIMS = ("warp_vs_reinforce", EXTRAPOLATED)
 """The claims whose A − B is also drawn across the whole shared KL range."""
@@ -70,6 +75,7 @@ class Arm:
     warp: bool = True  # WARP's iterations
     reinforce: bool = True  # the REINFORCE baseline
     runs_from: str | None = None  # the arm whose runs of iteration 1 start this one's, linked, not retrained
+    rloo: str | None = None  # TRL's RLOOTrainer with this reference (`rloo.VARIANTS`) instead
 
     @property
     def out(self) -> OutputDir:
@@ -131,6 +137,7 @@ class Experiment:
     nu: list[float]  # the LITI front's points (1 − ν) θ_sft + ν θ, ν > 0
     claim_5_runs: int  # the most runs merged for claim 5
     report_dir: Path  # results.json, the figures and claims.md (default: output_dir/report)
+    rloo: list[str] = dataclasses.field(default_factory=list)  # TRL RLOOTrainer arms, one per reference and seed
 
     @classmethod
     def load(cls, path: str | Path) -> Experiment:
@@ -147,7 +154,10 @@ class Experiment:
         expect(path, "claim_5_runs", runs, integer(runs) and runs > config.runs, f"an integer > runs ({config.runs})")
         report = data.get("report_dir", str(Path(config.output_dir) / "report"))
         expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
-        experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report))
+        rloo = data.get("rloo", [])
+        rloo_ok = isinstance(rloo, list) and set(rloo) <= set(VARIANTS) and len(set(rloo)) == len(rloo)
+        expect(path, "rloo", rloo, rloo_ok, f"a list of distinct references among {', '.join(VARIANTS)}")
+        experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report), rloo)
         experiment.arms()  # every arm's config is checked now, before any work
         return experiment
 
@@ -172,6 +182,10 @@ class Experiment:
             Arm("reinforce_ema", ema, warp=False),
             Arm("more_runs", more, reinforce=False, runs_from=f"warp_seed{first}"),
         ]
+        arms += [
+            Arm(f"rloo_{v}_seed{s}", self.arm_config(f"rloo_{v}_seed{s}", train_seed=s), False, False, rloo=v)
+            for v in self.rloo for s in self.seeds
+        ]  # fmt: skip
         return {arm.name: arm for arm in arms}
 
     def claims(self) -> list[Claim]:
@@ -190,6 +204,9 @@ class Experiment:
                     "trajectory at equal compute.", s, f"warp_seed{s}", f"reinforce_seed{s}",
                     f"WARP front, ν up to {max(self.nu):g}", "REINFORCE trajectory", extrapolated=True)
               for s in self.seeds if max(self.nu) > 1),
+            *(Claim(f"warp_vs_rloo_{v}", f"WARP's LITI front lies above TRL's RLOO trajectory ({REFERENCES[v]}) "
+                    "at equal compute.", s, f"warp_seed{s}", f"rloo_{v}_seed{s}", "WARP LITI front",
+                    f"TRL RLOO, {REFERENCES[v]}") for v in self.rloo for s in self.seeds),
             Claim("iterations", "Each iteration, starting from the previous LITI point, lifts the front.", first,
                   f"warp_seed{first}", "iteration_1", "front of iteration I", "front of iteration 1"),
             Claim("more_runs", "Merging more runs M gives a better merged policy.", first, f"runs_{most}", "runs_1",
@@ -258,7 +275,7 @@ def run_experiment(experiment: Experiment) -> dict:
     folders = [OutputDir(shared_out), *(arm.out for arm in arms.values())]
     seconds = sum(sum(read_json(folder.timings).values()) for folder in folders if folder.timings.exists())
     seconds += read_json(experiment.root.timings)["evaluate"]
-    results = _results(experiment, curves, evaluated, seconds)
+    results = _results(experiment, arms, curves, evaluated, seconds)
     write_report(experiment, results)
     return results
 
@@ -270,6 +287,9 @@ def _train(arm: Arm, shared: Path, arms: dict[str, Arm]) -> None:
     if arm.runs_from is not None:
         source = arms[arm.runs_from]
         _link_runs(source.out, arm.out, source.config.runs)
+    if arm.rloo is not None:
+        with timed(out, "train rloo"):
+            train_rloo(arm.config, out, load_splits(arm.config, out).rl_prompts, arm.rloo)
     if arm.warp:
         train_stage(dataclasses.replace(arm.config, method="warp"), out, resume=True)
     if arm.reinforce:
@@ -330,6 +350,11 @@ def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
         front("lerp_iteration_1", functools.partial(_merge, out, runs, "lerp", weight), nu),
         _trajectory("reinforce_ema", arms["reinforce_ema"]),
     ]
+    curves += [
+        Curve(name, tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p))
+                          for k, p in rloo_files(arm.config, arm.out.root, arm.rloo)), front=False)
+        for name, arm in arms.items() if arm.rloo is not None
+    ]  # fmt: skip
     more = arms["more_runs"].out
     curves += [
         front(f"runs_{m}", functools.partial(_merge, more, m, "slerp", None), nu)
@@ -382,8 +407,12 @@ def _across(a: list[Point], b: list[Point]) -> list[dict]:
     return [{"kl": d.kl, "difference": d.difference, "se": d.se} for d in compare(a, b, kls)]
 
 
-def _results(experiment: Experiment, curves: dict[str, Curve], evaluated: dict, seconds: float) -> dict:
-    """results.json: the budget, every claim's answer, every policy's summary, every curve's points."""
+def _results(
+    experiment: Experiment, arms: dict[str, Arm], curves: dict[str, Curve], evaluated: dict, seconds: float
+) -> dict:
+    """results.json: the budget, every claim's answer, every policy's summary, every curve's points,
+    each method's seconds per step, TRL's settings of the RLOO arms, and with several seeds the
+    methods' curves as means over the seeds (`seed_level`)."""
     policies = {name: {**samples.summary(), **meta} for name, (meta, samples) in evaluated.items()}
     config = experiment.config
     budget = {
@@ -398,7 +427,43 @@ def _results(experiment: Experiment, curves: dict[str, Curve], evaluated: dict, 
         "policies": policies,
         "curves": {name: [p.name for p in curve.points] for name, curve in curves.items()},
         "extrapolated": [p.name for curve in curves.values() if curve.front for p in curve.points if p.x > 1],
-    }
+        "seconds_per_step": _seconds_per_step(experiment, arms),
+    } | ({"rloo": {v: read_json(rloo_folder(arms[f"rloo_{v}_seed{experiment.seeds[0]}"].out.root, v) / METRICS)
+                   for v in experiment.rloo}} if experiment.rloo else {}) | (
+        {"seed_level": _seed_level(experiment, curves, evaluated)} if len(experiment.seeds) > 1 else {}
+    )  # fmt: skip
+
+
+def _seconds_per_step(experiment: Experiment, arms: dict[str, Arm]) -> list[dict]:
+    """Wall-clock seconds per step of `batch_size` completions of each method (its training stage's
+    seconds over its I·M·T steps, model loading included), the mean over the seeds; WARP's M runs
+    step side by side as `backend` places them."""
+    steps = total_steps(experiment.config)
+    stages = {"warp": ("warp_seed{s}", "train warp"), "reinforce": ("warp_seed{s}", "train reinforce")}
+    stages |= {f"rloo_{v}": (f"rloo_{v}_seed{{s}}", "train rloo") for v in experiment.rloo}
+    seconds = []
+    for method, (arm, stage) in stages.items():
+        timings = [read_json(arms[arm.format(s=s)].out.timings).get(stage) for s in experiment.seeds]
+        if all(t is not None for t in timings):
+            seconds.append({"method": method, "seconds": sum(timings) / len(timings) / steps})
+    return seconds
+
+
+def _seed_level(experiment: Experiment, curves: dict[str, Curve], evaluated: dict) -> dict:
+    """WARP's front, REINFORCE's and each RLOO arm's trajectory as means over the training seeds,
+    and WARP against each of them."""
+    sft = point_of(evaluated["sft"][1])
+
+    def seeds(name: str) -> list[list[Point]]:
+        return [[sft, *(point_of(evaluated[p.name][1]) for p in curves[name.format(s=s)].merged.points)]
+                for s in experiment.seeds]  # fmt: skip
+
+    methods = {"warp": ("WARP LITI front", seeds("warp_seed{s}")),
+               "reinforce": ("REINFORCE trajectory", seeds("reinforce_seed{s}"))}  # fmt: skip
+    methods |= {f"rloo_{v}": (f"TRL RLOO, {REFERENCES[v]}", seeds(f"rloo_{v}_seed{{s}}")) for v in experiment.rloo}
+    claims = [("warp_vs_reinforce", "warp", "reinforce")]
+    claims += [(f"warp_vs_rloo_{v}", "warp", f"rloo_{v}") for v in experiment.rloo]
+    return seed_level(methods, claims)
 
 
 def write_report(experiment: Experiment, results: dict) -> None:
@@ -410,6 +475,8 @@ def write_report(experiment: Experiment, results: dict) -> None:
             save_figure(claim_figure(results, key), folder / f"{key}.png")
     if any("across" in claim for claim in results["claims"]):
         save_figure(difference_figure(results), folder / "warp_vs_reinforce_difference.png")
+    if "seed_level" in results:
+        save_figure(seed_level_figure(results["seed_level"]), folder / "seed_level.png")
     write_text(folder / "claims.md", claims_table(results))
 
 
@@ -427,6 +494,20 @@ def claims_table(results: dict) -> str:
         ends = f"{e['reward_difference']:+.3f} ± {e['reward_se']:.3f}; {e['kl_difference']:+.2f} ± {e['kl_se']:.2f}"
         name = f"{claim['claim']} ({claim['label_a']} − {claim['label_b']})"
         lines.append(f"| {name} | {claim['seed']} | {cells} | {claim['verdict']} | {ends} |")
+    if "seed_level" in results:
+        level = results["seed_level"]
+        lines += [
+            "", f"Over the training seeds ({level['se']}), on the KL range every seed's curve covers:", "",
+            "| claim | A − B at matched KL (nats): mean reward difference ± s.e. over seeds | verdict |",
+            "|---|---|---|",
+        ]  # fmt: skip
+        for claim in level["claims"]:
+            cells = "; ".join(f"KL {d['kl']:.2f}: {d['difference']:+.3f} ± {d['se']:.3f}" for d in claim["differences"])
+            name = f"{claim['claim']} ({claim['label_a']} − {claim['label_b']})"
+            lines.append(f"| {name} | {cells} | {claim['verdict']} |")
+    if results.get("seconds_per_step"):
+        each = ", ".join(f"{row['method']} {row['seconds']:.2f} s" for row in results["seconds_per_step"])
+        lines += ["", f"Seconds per step of {results['budget']['batch_size']} completions (mean over seeds): {each}."]
     return "\n".join(lines) + "\n"
 
 
