@@ -41,6 +41,7 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
     assert results["rloo"]["ema"]["settings"]["sync_ref_model"] is True
     assert results["rloo"]["fixed"]["settings"]["sync_ref_model"] is False
     assert results["rloo"]["ema"]["settings"]["max_steps"] == 2 * 2 * 2  # equal compute: I·M·T steps
+    assert results["rloo"]["ema"]["seeds"] == [0, 1] and "seed" not in results["rloo"]["ema"]["settings"]
     assert [row["method"] for row in results["seconds_per_step"]] == ["warp", "reinforce", "rloo_ema", "rloo_fixed"]
     level = results["seed_level"]  # the methods as means over the 2 training seeds
     assert [c["claim"] for c in level["claims"]] == ["warp_vs_reinforce", "warp_vs_rloo_ema", "warp_vs_rloo_fixed"]
@@ -100,6 +101,7 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("nu: 0.5", "nu=0.5 is not a list of distinct numbers in (0, 4], 1 among them (past 1: extrapolation)"),
         ("nu: [0.5, 1, 4.5]", "nu=[0.5, 1, 4.5] is not a list of distinct numbers in (0, 4]"),
         ("rloo: [ema, ppo]", "rloo=['ema', 'ppo'] is not a list of distinct references among ema, fixed"),
+        ("config: {batch_size: 5}\nrloo: [fixed]", "batch_size=5 must be even"),
         ("nu: [0.5]", "nu=[0.5] is not a list"),
         ("nu: [0.5, 1, 1.0]", "nu=[0.5, 1, 1.0] is not a list of distinct"),
         ("seeds: 7", "seeds=7 is not a non-empty list of distinct integers >= 0"),

@@ -13,6 +13,7 @@ from warp_rlhf.algorithm.merge import copy_into, model_state
 from warp_rlhf.algorithm.reinforce import Prompt
 from warp_rlhf.checkpoint import load_tensors
 from warp_rlhf.config import WarpConfig
+from warp_rlhf.errors import ConfigError
 from warp_rlhf.stages.models import load_causal_lm
 from warp_rlhf.stages.rewards import function_spec
 from warp_rlhf.stages.rloo import rloo_files, rloo_settings, train_rloo
@@ -62,5 +63,12 @@ def test_rloo_trains_on_the_run_s_prompts_and_rewards_and_saves_the_trajectory(c
 def test_the_fixed_reference_variant_never_syncs_and_a_wrong_variant_is_refused(config):
     assert rloo_settings(config, "fixed")["sync_ref_model"] is False
     assert rloo_settings(dataclasses.replace(config, max_grad_norm=None), "ema")["max_grad_norm"] == 0.0  # no clipping
-    with pytest.raises(ValueError, match="not one of ema, fixed"):
+    warmed = rloo_settings(dataclasses.replace(config, warmup_steps=2), "ema")
+    assert warmed["lr_scheduler_type"] == "constant_with_warmup" and warmed["warmup_steps"] == 2
+    with pytest.raises(ConfigError, match="not one of ema, fixed"):
         rloo_settings(config, "adaptive")
+    with pytest.raises(ConfigError, match="batch_size=5 must be even"):
+        rloo_settings(dataclasses.replace(config, batch_size=5), "fixed")
+    with pytest.raises(ConfigError, match="needs beta > 0"):
+        rloo_settings(dataclasses.replace(config, beta=0.0), "ema")
+    rloo_settings(dataclasses.replace(config, beta=0.0), "fixed")  # a fixed reference needs no KL term

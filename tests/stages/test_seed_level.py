@@ -6,7 +6,7 @@ import math
 import pytest
 
 from warp_rlhf.stages.compare import Point
-from warp_rlhf.stages.seed_level import grid, mean_curve, seed_level, shared_range
+from warp_rlhf.stages.seed_level import grid, mean_curve, seed_level, shared_range, t_threshold
 
 
 def line(slope: float, end: float = 4.0) -> list[Point]:
@@ -21,22 +21,34 @@ def test_a_mean_curve_is_the_seeds_mean_with_their_standard_error():
     assert curve.seeds == 3
 
 
-def test_seed_level_compares_on_the_range_every_seed_covers():
-    methods = {"a": ("A", [line(2.0, 4.0), line(2.0, 6.0)]), "b": ("B", [line(1.0, 3.0), line(1.0, 5.0)])}
-    assert shared_range([c for _, cs in methods.values() for c in cs]) == (0.0, 3.0)
+def test_seed_level_compares_paired_seeds_on_the_range_both_methods_cover():
+    methods = {
+        "a": ("A", [line(2.0, 4.0), line(2.2, 6.0), line(1.8, 5.0)]),
+        "b": ("B", [line(1.0, 3.0), line(1.0, 5.0), line(1.0, 4.0)]),
+        "c": ("C", [line(0.5, 1.0), line(0.5, 1.0), line(0.5, 1.0)]),  # a third method does not move A − B's range
+    }
     result = seed_level(methods, [("a_vs_b", "a", "b")])
     (claim,) = result["claims"]
-    assert [d["kl"] for d in claim["differences"]] == pytest.approx([0.75, 1.5, 2.25])
-    assert [d["difference"] for d in claim["differences"]] == pytest.approx([0.75, 1.5, 2.25])  # (2 − 1) · k
-    assert all(d["se"] == 0 and d["z"] == math.inf for d in claim["differences"]) and claim["verdict"] == "holds"
-    assert result["curves"]["a"]["kls"] == pytest.approx(grid(0.0, 3.0))
+    assert [d["kl"] for d in claim["differences"]] == pytest.approx([0.75, 1.5, 2.25])  # inside [0, 3]
+    # per seed A − B = (1, 1.2, 0.8) · k: mean k, s.e. 0.2 k / sqrt(3)
+    assert [d["difference"] for d in claim["differences"]] == pytest.approx([0.75, 1.5, 2.25])
+    assert [d["se"] for d in claim["differences"]] == pytest.approx([0.2 * k / math.sqrt(3) for k in (0.75, 1.5, 2.25)])
+    assert claim["threshold"] == pytest.approx(4.303) and claim["verdict"] == "holds"  # z = 8.7 > t(2)
+    assert result["curves"]["a"]["kls"] == pytest.approx(grid(0.0, 1.0))  # the figure: every method's range
 
 
-def test_seeds_that_disagree_make_a_claim_inconclusive():
-    methods = {"a": ("A", [line(3.0), line(0.0)]), "b": ("B", [line(1.0), line(1.2)])}
+def test_seeds_that_disagree_make_a_claim_inconclusive_under_the_t_threshold():
+    methods = {"a": ("A", [line(3.0), line(1.6), line(2.0)]), "b": ("B", [line(1.0), line(1.2), line(1.1)])}
     (claim,) = seed_level(methods, [("a_vs_b", "a", "b")])["claims"]
-    # A's mean slope 1.5 is above B's 1.1, but its two seeds differ by 3: s.e. of A alone 1.5·k
-    assert all(0 < d["z"] < 2 for d in claim["differences"]) and claim["verdict"] == "inconclusive"
+    # per seed A − B = (2, 0.4, 0.9) · k: z = 1.1 / (0.82 / sqrt(3)) = 2.3, above 2 but below t(2) = 4.3
+    assert all(2 < d["z"] < 4.303 for d in claim["differences"]) and claim["verdict"] == "inconclusive"
+
+
+def test_the_t_threshold_needs_two_seeds_and_is_never_below_two():
+    assert t_threshold(3) == pytest.approx(4.303) and t_threshold(31) == pytest.approx(2.042)
+    assert t_threshold(1000) == 2.0
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        t_threshold(1)
 
 
 def test_curves_without_a_shared_range_are_refused():

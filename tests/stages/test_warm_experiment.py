@@ -66,9 +66,10 @@ def test_the_warm_experiment_answers_every_claim_and_resumes(warm_spec, tmp_path
         assert (report / name).read_bytes()[:4] == b"\x89PNG"
     assert (report / "claims.md").read_text() == claims_table(results)
 
-    before = (runs / "eval" / "policies" / "sft.json").stat().st_mtime_ns
+    cached = runs / "evaluation" / "eval" / "policies" / "sft.json"
+    before = cached.stat().st_mtime_ns
     assert main(["experiment", "--config", str(tmp_path / "warm.yaml")]) == 0  # everything reused
-    assert (runs / "eval" / "policies" / "sft.json").stat().st_mtime_ns == before
+    assert cached.stat().st_mtime_ns == before
     assert json.loads((report / "results.json").read_text())["claims"] == results["claims"]
 
 
@@ -82,6 +83,7 @@ def test_the_warm_experiment_answers_every_claim_and_resumes(warm_spec, tmp_path
         ),
         ({"label_noise": [0.5]}, "label_noise=[0.5] is not a list of distinct fractions"),
         ({"gold_pairs": 0}, "gold_pairs=0 is not an integer > 0"),
+        ({"nu": [0.5, 1, 1.5]}, "nu=[0.5, 1, 1.5] is not a list of distinct numbers in (0, 1], 1 among them"),
         ({"trajectory": 3}, "unknown key 'trajectory'"),
         ({"experiment": "warp"}, "experiment='warp' is not one of paper, warm"),
     ],

@@ -6,16 +6,21 @@ standard errors (`compare`), every policy sampled on the same held-out prompts w
 1. `ema_anchor`: REINFORCE with an EMA anchor against the SFT anchor, same steps;
 2. `slerp_vs_lerp`: the same M runs merged by SLERP against LERP;
 3. `warp_vs_reinforce`: WARP's LITI front against the REINFORCE trajectory at equal compute (I·M·T
-   steps), for each seed;
+   steps), for each seed, also across the whole shared KL range (the difference figure); and
+   `warp_extrapolated_vs_reinforce` with the front extended past the merge (ν > 1);
 4. `iterations`: the front of iteration I against that of iteration 1;
-5. `more_runs`: SLERP of more runs (M = 1 … `claim_5_runs`) of the same iteration.
+5. `more_runs`: SLERP of more runs (M = 1 … `claim_5_runs`) of the same iteration;
+
+and, with `rloo`, `warp_vs_rloo_<reference>`: WARP's front against TRL's RLOOTrainer at equal
+compute, for each seed. With two seeds or more, WARP, REINFORCE and RLOO are also compared as
+means over their training seeds (`seed_level`).
 
 Arms (`Arm`), each an output folder under `output_dir` that shares the reward model and data splits
 of `output_dir/shared`: `warp_seed<s>` (WARP and its baseline, `train_seed` s), `reinforce_ema` (the
 baseline with an EMA anchor), `more_runs` (iteration 1 with more runs; the first M are
-`warp_seed<s0>`'s, linked, not retrained). Every piece is reused when done, so an interrupted
-experiment resumes where it stopped. Results go to `report_dir` and nowhere else: results.json, one
-figure per claim, and the claims table, claims.md.
+`warp_seed<s0>`'s, linked, not retrained), `rloo_<reference>_seed<s>` (`rloo`). Every piece is
+reused when done, so an interrupted experiment resumes where it stopped. Results go to
+`report_dir` and nowhere else: results.json, the figures, and the claims table, claims.md.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from warp_rlhf.stages.compare import Point, compare, overlap, paired_difference,
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage
 from warp_rlhf.stages.plots import KL_LABEL, save_figure
 from warp_rlhf.stages.report import timed
-from warp_rlhf.stages.rloo import METRICS, VARIANTS, rloo_files, rloo_folder, train_rloo
+from warp_rlhf.stages.rloo import METRICS, VARIANTS, check_rloo, rloo_files, rloo_folder, train_rloo
 from warp_rlhf.stages.seed_level import seed_level, seed_level_figure
 from warp_rlhf.stages.sweep import share_data
 
@@ -157,6 +162,8 @@ class Experiment:
         rloo = data.get("rloo", [])
         rloo_ok = isinstance(rloo, list) and set(rloo) <= set(VARIANTS) and len(set(rloo)) == len(rloo)
         expect(path, "rloo", rloo, rloo_ok, f"a list of distinct references among {', '.join(VARIANTS)}")
+        for reference in rloo:
+            check_rloo(config, reference)
         experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report), rloo)
         experiment.arms()  # every arm's config is checked now, before any work
         return experiment
@@ -428,10 +435,16 @@ def _results(
         "curves": {name: [p.name for p in curve.points] for name, curve in curves.items()},
         "extrapolated": [p.name for curve in curves.values() if curve.front for p in curve.points if p.x > 1],
         "seconds_per_step": _seconds_per_step(experiment, arms),
-    } | ({"rloo": {v: read_json(rloo_folder(arms[f"rloo_{v}_seed{experiment.seeds[0]}"].out.root, v) / METRICS)
-                   for v in experiment.rloo}} if experiment.rloo else {}) | (
+    } | ({"rloo": {v: _rloo_settings(experiment, arms, v) for v in experiment.rloo}} if experiment.rloo else {}) | (
         {"seed_level": _seed_level(experiment, curves, evaluated)} if len(experiment.seeds) > 1 else {}
     )  # fmt: skip
+
+
+def _rloo_settings(experiment: Experiment, arms: dict[str, Arm], reference: str) -> dict:
+    """TRL's version and the `RLOOConfig` fields its arms set, each arm's seed its `train_seed`."""
+    metrics = read_json(rloo_folder(arms[f"rloo_{reference}_seed{experiment.seeds[0]}"].out.root, reference) / METRICS)
+    settings = {k: v for k, v in metrics["settings"].items() if k != "seed"}
+    return {"trl_version": metrics["trl_version"], "settings": settings, "seeds": experiment.seeds}
 
 
 def _seconds_per_step(experiment: Experiment, arms: dict[str, Arm]) -> list[dict]:
@@ -439,11 +452,16 @@ def _seconds_per_step(experiment: Experiment, arms: dict[str, Arm]) -> list[dict
     seconds over its I·M·T steps, model loading included), the mean over the seeds; WARP's M runs
     step side by side as `backend` places them."""
     steps = total_steps(experiment.config)
+    def timing(arm: Arm, stage: str) -> float | None:
+        if arm.rloo is not None:  # the finished training's own seconds, not an interrupted attempt's
+            return read_json(rloo_folder(arm.out.root, arm.rloo) / METRICS)["seconds"]
+        return read_json(arm.out.timings).get(stage)
+
     stages = {"warp": ("warp_seed{s}", "train warp"), "reinforce": ("warp_seed{s}", "train reinforce")}
-    stages |= {f"rloo_{v}": (f"rloo_{v}_seed{{s}}", "train rloo") for v in experiment.rloo}
+    stages |= {f"rloo_{v}": (f"rloo_{v}_seed{{s}}", "") for v in experiment.rloo}
     seconds = []
     for method, (arm, stage) in stages.items():
-        timings = [read_json(arms[arm.format(s=s)].out.timings).get(stage) for s in experiment.seeds]
+        timings = [timing(arms[arm.format(s=s)], stage) for s in experiment.seeds]
         if all(t is not None for t in timings):
             seconds.append({"method": method, "seconds": sum(timings) / len(timings) / steps})
     return seconds

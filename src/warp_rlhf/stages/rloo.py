@@ -27,6 +27,7 @@ from warp_rlhf.algorithm.merge import model_state
 from warp_rlhf.algorithm.reinforce import checkpoints_gradients, run_seed
 from warp_rlhf.checkpoint import atomic_dir, read_json, save_tensors, write_json
 from warp_rlhf.config import WarpConfig
+from warp_rlhf.errors import ConfigError
 from warp_rlhf.stages import assets
 from warp_rlhf.stages.models import load_tokenizer
 from warp_rlhf.stages.reward import global_rng_kept
@@ -45,15 +46,29 @@ def rloo_folder(out: Path, variant: str) -> Path:
     return Path(out) / f"rloo_{variant}"
 
 
+def check_rloo(config: WarpConfig, variant: str) -> None:
+    """What TRL would refuse only once training starts, refused before any work: its generation
+    batch must divide into groups of `RLOO_GENERATIONS`, and a reference synced towards the policy
+    needs a KL term (β > 0)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"RLOO reference {variant!r} is not one of {', '.join(VARIANTS)}")
+    if config.batch_size % RLOO_GENERATIONS:
+        raise ConfigError(
+            f"RLOO takes {RLOO_GENERATIONS} completions per prompt: batch_size={config.batch_size} must be even"
+        )
+    if variant == "ema" and config.beta == 0:
+        raise ConfigError("RLOO with an EMA reference needs beta > 0 (TRL keeps a reference only with a KL term)")
+
+
 def rloo_settings(config: WarpConfig, variant: str) -> dict:
     """The `RLOOConfig` fields the arm sets (the rest are TRL's defaults), as written in results."""
-    if variant not in VARIANTS:
-        raise ValueError(f"RLOO variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    check_rloo(config, variant)
     return {
         "per_device_train_batch_size": config.batch_size, "num_generations": RLOO_GENERATIONS,
-        "max_steps": total_steps(config), "learning_rate": config.learning_rate, "lr_scheduler_type": "constant",
-        "warmup_steps": config.warmup_steps, "max_grad_norm": config.max_grad_norm or 0.0, "beta": config.beta,
-        "temperature": config.temperature, "top_k": 0, "top_p": 1.0,
+        "max_steps": total_steps(config), "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant_with_warmup", "warmup_steps": config.warmup_steps,
+        "max_grad_norm": config.max_grad_norm or 0.0, "beta": config.beta, "temperature": config.temperature,
+        "top_k": 0, "top_p": 1.0,
         "max_completion_length": config.max_new_tokens, "sync_ref_model": variant == "ema",
         "ref_model_mixup_alpha": config.ema_rate, "ref_model_sync_steps": 1, "seed": run_seed(config),
     }  # fmt: skip
@@ -86,6 +101,7 @@ def train_rloo(
         """The run's total reward Σ_k w_k r_k of each completion, for the prompt it answers."""
         return rewards([rows[i] for i in index], completions, completion_ids).tolist()
 
+    started = time.perf_counter()
     rows = list(prompts)
     steps = set(trajectory_steps(config))
     settings = rloo_settings(config, variant)
@@ -121,7 +137,8 @@ def train_rloo(
         seconds = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
         metrics = {
             "trl_version": trl.__version__, "settings": settings, "steps": len(seconds),
-            "seconds": sum(seconds), "seconds_per_step": sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
+            "seconds_training": sum(seconds), "seconds": time.perf_counter() - started,
+            "median_step_seconds": sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
         }  # fmt: skip
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         write_json(tmp / METRICS, metrics)

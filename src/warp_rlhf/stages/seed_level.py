@@ -1,18 +1,24 @@
-"""Training-seed error bars: each method's curve as the mean over its seeds, at matched KL.
+"""Training-seed error bars: each method's curve as the mean over its training seeds, at matched KL.
 
 A per-seed comparison (`compare`) pairs two curves over the same prompts: its standard error is
-the evaluation's, and says nothing of how much another training seed would move the curve. Here
-each method (WARP's front, REINFORCE's trajectory, RLOO's trajectory) has one curve per training
-seed; at each KL value k inside the range every curve covers, its reward is interpolated
-(`interpolate`), and the method's value is the mean over seeds with standard error
-std(ddof = 1) / sqrt(seeds): the seeds' spread, which holds the evaluation's noise as well. A − B at
-k is the difference of two such means, with s.e. sqrt(s.e._A² + s.e._B²) (the seeds of two
-methods are independent runs). The verdict is the per-seed comparisons' rule (`verdict`).
+the evaluation's, and says nothing of how much another training seed would move the curves.
+Here every method (WARP's front, REINFORCE's trajectory, RLOO's trajectory) has one curve per
+training seed, each from the SFT point; a curve's reward at KL k is read by `interpolate`.
+
+- A claim "A lies above B" is read at three KL values evenly inside the range every seed's curve
+  of A and of B covers. At each k, d_s = A_s(k) − B_s(k) for each seed s (the two methods' runs
+  of one `train_seed`, evaluated on the same prompts with the same sampling seeds); A − B is the
+  mean of the d_s, with standard error std(d_s, ddof = 1) / sqrt(n): their spread holds both
+  methods' training-seed variance and each seed's evaluation noise (not the choice of prompts,
+  which all seeds share). With n seeds the mean over s.e. follows Student's t with n − 1 degrees
+  of freedom, so the verdict's threshold is its 97.5% quantile (4.30 for 3 seeds; never below 2,
+  the per-seed rule's), in place of 2 (`verdict`).
+- A method's mean curve, for the figure: at each KL of a grid inside the range every curve of
+  every method covers, the mean over seeds ± std / sqrt(n).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
@@ -22,6 +28,19 @@ from warp_rlhf.stages.plots import KL_LABEL
 
 GRID = 21
 """KL values of the mean curves, evenly inside the shared range (its ends excluded)."""
+
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+"""Student's t 97.5% quantile for 1 … 30 degrees of freedom."""
+
+
+def t_threshold(seeds: int) -> float:
+    """The verdict's threshold in standard errors for a mean over `seeds` paired differences."""
+    if seeds < 2:
+        raise ValueError(f"a standard error over training seeds needs at least 2 seeds, not {seeds}")
+    return max(2.0, T_975[seeds - 2]) if seeds - 1 <= len(T_975) else 2.0
 
 
 @dataclass
@@ -53,34 +72,34 @@ def mean_curve(label: str, seeds: list[list[Point]], kls: list[float]) -> MeanCu
     return MeanCurve(label, len(seeds), kls, [m for m, _ in means], [s for _, s in means])
 
 
-def difference(a: MeanCurve, b: MeanCurve) -> list[Difference]:
-    """mean_A(k) − mean_B(k) at each k of their (shared) KL values, with the seeds' s.e."""
-    if a.kls != b.kls:
-        raise ValueError("the mean curves must be read at the same KL values")
-    return [
-        Difference(k, ma - mb, math.sqrt(sa**2 + sb**2))
-        for k, ma, sa, mb, sb in zip(a.kls, a.mean, a.se, b.mean, b.se, strict=True)
-    ]
+def seed_difference(a: list[list[Point]], b: list[list[Point]]) -> tuple[list[Difference], str]:
+    """A − B over paired seeds (`a[s]`, `b[s]` of one training seed) at three KL values inside the
+    range all of them cover: the mean of the per-seed differences ± their s.e., and the verdict
+    with the t threshold."""
+    if len(a) != len(b):
+        raise ValueError(f"paired seeds: {len(a)} curves against {len(b)}")
+    threshold = t_threshold(len(a))
+    differences = []
+    for k in grid(*shared_range(a + b), 3):
+        mean, se = mean_and_se([interpolate(ca, k)[0] - interpolate(cb, k)[0] for ca, cb in zip(a, b, strict=True)])
+        differences.append(Difference(k, mean, se))
+    return differences, verdict(differences, threshold=threshold)
 
 
 def seed_level(methods: dict[str, tuple[str, list[list[Point]]]], claims: list[tuple[str, str, str]]) -> dict:
-    """`methods`: name → (label, one curve per seed, each from the SFT point); `claims`: (key, A, B).
-    The mean curves on the range all of them cover, and each claim's A − B at three KL values
-    evenly inside it (as the per-seed rule reads them) with its verdict, as results.json keeps them."""
-    low, high = shared_range([curve for _, curves in methods.values() for curve in curves])
-    kls = grid(low, high)
-    means = {name: mean_curve(label, curves, kls) for name, (label, curves) in methods.items()}
-    matched = {name: mean_curve(label, curves, grid(low, high, 3)) for name, (label, curves) in methods.items()}
+    """`methods`: name → (label, one curve per seed in the order of the seeds); `claims`: (key, A, B).
+    Each method's mean curve, and each claim's A − B (`seed_difference`), as results.json keeps them."""
+    kls = grid(*shared_range([curve for _, curves in methods.values() for curve in curves]))
     answers = []
     for key, a, b in claims:
-        differences = difference(matched[a], matched[b])
+        differences, verdict_ = seed_difference(methods[a][1], methods[b][1])
         answers.append({
-            "claim": key, "a": a, "b": b, "label_a": means[a].label, "label_b": means[b].label,
+            "claim": key, "a": a, "b": b, "label_a": methods[a][0], "label_b": methods[b][0],
             "differences": [{"kl": d.kl, "difference": d.difference, "se": d.se, "z": d.z} for d in differences],
-            "verdict": verdict(differences),
+            "threshold": t_threshold(len(methods[a][1])), "verdict": verdict_,
         })  # fmt: skip
-    curves = {name: vars(curve) for name, curve in means.items()}
-    return {"range": [low, high], "curves": curves, "claims": answers, "se": "seeds' spread, std / sqrt(seeds)"}
+    curves = {name: vars(mean_curve(label, seeds, kls)) for name, (label, seeds) in methods.items()}
+    return {"curves": curves, "claims": answers, "se": "spread of the per-seed differences, std / sqrt(seeds)"}
 
 
 def seed_level_figure(results: dict) -> Figure:

@@ -17,8 +17,10 @@ exploits its reward less. Two questions, each answered with standard errors:
 Folders under `output_dir`: `shared` (the data splits, cut once for all: the proxies' pairs, then
 the gold model's), `rewards_noise<p>` (K members and their average), `gold`, `warp_<one|warm>_
 noise<p>_seed<s>` (WARP against member 1 or WARM of `rewards_noise<p>`, linked, not retrained),
-`evaluation` (every policy scored by the gold model, each proxy and VADER). Every piece is reused
-when done, so an interrupted experiment resumes. Results go to `report_dir` and nowhere else.
+`rewards` (links naming the gold model and each proxy), `evaluation` (every policy scored by the
+gold model, each proxy and VADER, kept in its `eval/`). Every trained model and evaluated policy
+is reused when done, so an interrupted experiment resumes; question (a)'s scores of the held-out
+pairs are recomputed (seconds). Results go to `report_dir` and nowhere else.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class WarmExperiment:
         paper.expect(path, "gold_pairs", gold, paper.integer(gold) and gold > 0, "an integer > 0")
         seeds, nu = data.get("seeds", [0]), data.get("nu", [0.5, 1.0])
         paper.expect(path, "seeds", seeds, paper.seeds_ok(seeds), "a non-empty list of distinct integers >= 0")
-        paper.expect(path, "nu", nu, paper.nu_ok(nu), paper.NU_VALUES)
+        nu_ok = paper.nu_ok(nu) and max(nu) <= 1  # the fronts of merges: no extrapolation here
+        paper.expect(path, "nu", nu, nu_ok, "a list of distinct numbers in (0, 1], 1 among them")
         report = data.get("report_dir", str(Path(config.output_dir) / "report"))
         paper.expect(path, "report_dir", report, isinstance(report, str) and report != "", "a folder (a string)")
         experiment = cls(
@@ -163,13 +166,13 @@ def run_warm_experiment(experiment: WarmExperiment) -> dict:
         _link(reward, OutputDir(out).reward_model)
         _copy_splits(noise_folder, OutputDir(out))
         train_stage(config, out, resume=True)
-    evaluation, rewards = _evaluation_config(experiment, gold)
+    evaluation = _evaluation_config(experiment, gold)
     out = prepare_output(evaluation)
     _copy_splits(OutputDir(gold), OutputDir(out))
     fronts = {name: _front(name, config, experiment.nu) for name, config in experiment.policy_configs().items()}
     with timed(experiment.root.root, "evaluate"):
-        evaluated = evaluate_points(evaluation, out, lambda sft: paper.policy_points(fronts, sft), experiment.root)
-    results = _results(experiment, accuracy, fronts, evaluated, rewards)
+        evaluated = evaluate_points(evaluation, out, lambda sft: paper.policy_points(fronts, sft), OutputDir(out))
+    results = _results(experiment, accuracy, fronts, evaluated)
     write_report(experiment, results)
     return results
 
@@ -184,8 +187,11 @@ def _reward_folder(config: WarpConfig, splits: Splits) -> Path:
 
 
 def _link(target: Path, link: Path) -> None:
-    if not link.exists():
+    """`link` → `target`, made once; a link to anything else is refused, never replaced."""
+    if not link.is_symlink() and not link.exists():
         link.symlink_to(target.resolve(), target_is_directory=True)
+    elif link.resolve() != target.resolve():
+        raise ConfigError(f"{link} exists and is not a link to {target}: move it away and run again")
 
 
 def _copy_splits(source: OutputDir, target: OutputDir) -> None:
@@ -198,7 +204,7 @@ def _front(name: str, config: WarpConfig, nu: list[float]) -> paper.Curve:
     return paper.front(name, final, nu)
 
 
-def _evaluation_config(experiment: WarmExperiment, gold: Path) -> tuple[WarpConfig, dict[str, str]]:
+def _evaluation_config(experiment: WarmExperiment, gold: Path) -> WarpConfig:
     """The evaluation: the gold model is the reward (weight 1), each proxy a reward of weight 0
     (scored, not summed), VADER the judge. The rewards are named by links in `output_dir/rewards`."""
     links = experiment.root.root / "rewards"
@@ -210,11 +216,9 @@ def _evaluation_config(experiment: WarmExperiment, gold: Path) -> tuple[WarpConf
     for key, target in rewards.items():
         _link(target, links / key)
     funcs = [str(links / key) for key in rewards]
-    config = experiment.folder_config(
+    return experiment.folder_config(
         "evaluation", reward_funcs=funcs, reward_weights=[1.0] + [0.0] * (len(funcs) - 1), judge="vader"
     )
-    keys = {key: key.replace(".", "_") for key in rewards}  # a reward's key in results, as `Reward.key` writes it
-    return config, keys
 
 
 def _accuracies(experiment: WarmExperiment, noise: float, pairs: list[tuple[str, str]]) -> dict:
@@ -261,9 +265,7 @@ def _points(samples, values: list[float]) -> Point:
     return Point(kl, value, kl_se, value_se, kls=list(samples.kl_exact), rewards=list(values))
 
 
-def _results(
-    experiment: WarmExperiment, accuracy: dict, fronts: dict[str, paper.Curve], evaluated: dict, keys: dict
-) -> dict:
+def _results(experiment: WarmExperiment, accuracy: dict, fronts: dict[str, paper.Curve], evaluated: dict) -> dict:
     """results.json: the budget, question (a)'s accuracies, question (b)'s comparisons, every
     policy's summary and every front's points."""
     claims = []
@@ -312,7 +314,6 @@ def _results(
         "budget": budget,
         "accuracy": accuracy,
         "claims": claims,
-        "reward_keys": keys,
         "policies": policies,
         "curves": {name: [p.name for p in curve.points] for name, curve in fronts.items()},
     }
