@@ -220,9 +220,9 @@ class WarpConfig:
         default=1,
         metadata={
             "affects": ("reward_model",),
-            "help": "K reward models fine-tuned from the backbone, member k with seed + k - 1 (its head, data order "
-            "and dropout), then averaged weight by weight into reward_model/ (WARM, Ramé et al. 2024); the members "
-            "are kept in reward_members/. 1: one model, member 1 alone.",
+            "help": "K reward models fine-tuned from the backbone and one score head drawn with seed, member k "
+            "seeing the pairs in the order of seed + k - 1, then averaged weight by weight into reward_model/ (WARM, "
+            "Ramé et al. 2024); the members are kept in reward_members/. 1: one model, member 1 alone.",
             "allowed": AT_LEAST_1,
         },
     )

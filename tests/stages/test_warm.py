@@ -71,7 +71,7 @@ def test_three_members_are_averaged_into_a_loadable_reward_model(warm_run, tmp_p
     weights = [load_file(model_file(paths.reward_member(k))) for k in (1, 2, 3)]
     average = load_file(model_file(paths.reward_model))
     assert average.keys() == weights[0].keys()
-    assert not torch.equal(weights[0]["classifier.weight"], weights[1]["classifier.weight"])  # seeds differ
+    assert not torch.equal(weights[0]["classifier.weight"], weights[1]["classifier.weight"])  # trained apart
     for name, tensor in average.items():
         assert torch.allclose(tensor, sum(w[name] for w in weights) / 3, atol=1e-7), name
     held_out = [tuple(p) for p in json.loads(paths.splits.read_text())["reward_eval"]]
@@ -192,3 +192,25 @@ def test_averaging_leaves_the_global_rng_as_it_was(warm_run, tmp_path):
     before = torch.get_rng_state()
     train_reward_models(config, "unused: every member is finished", [], held_out, paths.root)
     assert torch.equal(before, torch.get_rng_state()) and paths.reward_metrics.exists()
+
+
+def test_every_member_starts_from_one_score_head_and_sees_its_own_order(tiny_backbone, tmp_path, monkeypatch):
+    """WARM averages weights that start together: the score head is drawn once (with `seed`) for
+    every member, and the members differ by the order of their pairs (their own seeds)."""
+    import warp_rlhf.stages.reward as reward
+
+    started, make = [], reward._reward_trainer
+
+    def recording(backbone, args, dataset, tokenizer):
+        trainer = make(backbone, args, dataset, tokenizer)
+        head = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if k.startswith("classifier")}
+        started.append((args.seed, args.data_seed, head))
+        return trainer
+
+    monkeypatch.setattr(reward, "_reward_trainer", recording)
+    config = WarpConfig(reward_model=str(tiny_backbone), reward_models=2, reward_epochs=0.5, seed=5)
+    pairs = [(f"good {i} " * 3, f"bad {i} " * 3) for i in range(16)]
+    train_reward_models(config, str(tiny_backbone), pairs, pairs[:4], tmp_path / "run")
+    assert [(seed, data_seed) for seed, data_seed, _ in started] == [(5, 5), (5, 6)]
+    (_, _, first), (_, _, second) = started
+    assert first and all(torch.equal(first[k], second[k]) for k in first)

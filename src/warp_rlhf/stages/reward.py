@@ -5,10 +5,13 @@ with TRL's `RewardTrainer` (pre-tokenised pairs, since TRL appends an EOS token 
 tokenizers lack). The held-out metric is pairwise accuracy: P[r(chosen) > r(rejected)].
 
 WARM (Ramé et al., 2024, "WARM: On the Benefits of Weight Averaged Reward Models"): with
-`reward_models` K > 1, K members are fine-tuned from the same backbone, member k with seed
-`seed + k − 1` (and its own learning rate from `reward_learning_rates`), and the reward model is
-their uniform weight average θ_WARM = (1/K) Σ_k θ_k. ENS, the paper's baseline, averages the
-members' scores instead, at K forwards per text (`EnsembleRewardModel`).
+`reward_models` K > 1, K members are fine-tuned from the same initialisation — the backbone and
+one score head, drawn with `seed` — each seeing the pairs in its own order (member k's seed
+`seed + k − 1`) and optionally with its own learning rate (`reward_learning_rates`); the reward
+model is their uniform weight average θ_WARM = (1/K) Σ_k θ_k. A shared start is what lets weights
+average: members whose heads start from independent random draws average into a head whose
+scores shrink towards zero. ENS, the paper's baseline, averages the members' scores instead, at K
+forwards per text (`EnsembleRewardModel`).
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def swap_labels(pairs: list[tuple[str, str]], fraction: float, seed: int) -> tup
 
 
 def member_seed(config: WarpConfig, member: int) -> int:
-    """Member k's seed, `seed + k − 1`: member 1 is the model `reward_models: 1` trains."""
+    """Member k's seed of its data order, `seed + k − 1`: member 1 is the model `reward_models: 1` trains."""
     return config.seed + member - 1
 
 
@@ -272,9 +275,9 @@ def train_reward_model(
     (model, tokenizer, metrics) to `output`.
 
     The folder appears only when complete; its `metrics.json` holds held-out pairwise accuracy.
-    TRL loads the backbone and draws the new score head after seeding with the member's seed
-    (`member_seed`; as HF's Trainer then seeds its data order and dropout); the caller's global
-    RNGs are put back afterwards. A `reward_label_noise` fraction of `train_pairs` is swapped,
+    TRL loads the backbone and draws the new score head after seeding with `seed`, the same for
+    every member; the member's seed (`member_seed`) orders the pairs. The caller's global RNGs are
+    put back afterwards. A `reward_label_noise` fraction of `train_pairs` is swapped,
     the same pairs for every member; `eval_pairs` stay clean.
     """
     with global_rng_kept():
@@ -326,8 +329,8 @@ def _train_reward_model(
             learning_rate=member_learning_rate(config, member),
             lr_scheduler_type="linear",
             warmup_steps=0.05,
-            seed=seed,  # the score head's initialisation, the data order and dropout
-            data_seed=seed,
+            seed=config.seed,  # the score head's initialisation (and dropout): one for every member
+            data_seed=seed,  # the member's order of the pairs
             model_init_kwargs={"dtype": "auto", "device_map": None, "trust_remote_code": config.trust_remote_code},
             use_cpu=use_cpu,
             bf16=False,
