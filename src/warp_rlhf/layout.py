@@ -34,7 +34,7 @@ MANIFEST = ".warp-rlhf.json"
 over (`stages.output`)."""
 OWNED_ENTRIES = (
     "config.yaml", "data", "reward_model", "reward_members", "final", "reinforce", "eval", "report.md",
-    "timings.json", "sweep", "tensorboard", "wandb", "inputs",
+    "timings.json", "sweep", "tensorboard", "wandb", "inputs", "rloo_ema", "rloo_fixed",
 )  # fmt: skip
 """The top-level entries a command may write, besides `iter_<i>` (`OutputDir.entries`)."""
 

@@ -12,9 +12,10 @@ from warp_rlhf.algorithm.baseline import trajectory_steps
 from warp_rlhf.algorithm.merge import copy_into, model_state
 from warp_rlhf.algorithm.reinforce import Prompt
 from warp_rlhf.checkpoint import load_tensors
-from warp_rlhf.config import WarpConfig
+from warp_rlhf.config import WarpConfig, dump_config
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.stages.models import load_causal_lm
+from warp_rlhf.stages.output import check_compatible
 from warp_rlhf.stages.rewards import function_spec
 from warp_rlhf.stages.rloo import rloo_files, rloo_settings, train_rloo
 
@@ -58,6 +59,9 @@ def test_rloo_trains_on_the_run_s_prompts_and_rewards_and_saves_the_trajectory(c
     before = files[1][1].stat().st_mtime_ns
     assert train_rloo(config, tmp_path / "run", prompts, "ema", functions) == metrics  # done: reused
     assert files[1][1].stat().st_mtime_ns == before
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(config))  # a changed setting would not match it
+    with pytest.raises(ConfigError, match=r"would not match TRL RLOO's trajectory \(rloo_ema/\)"):
+        check_compatible(dataclasses.replace(config, learning_rate=5e-3), tmp_path / "run")
 
 
 def test_the_fixed_reference_variant_never_syncs_and_a_wrong_variant_is_refused(config):

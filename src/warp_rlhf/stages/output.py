@@ -69,6 +69,8 @@ def finished_work(out: Path) -> dict[str, frozenset[str]]:
         found["the WARP policy (final/)"] = FINAL_FIELDS
     if paths.baseline.done.exists() or paths.baseline.snapshots():
         found["the REINFORCE baseline (reinforce/)"] = BASELINE_FIELDS
+    for rloo in sorted(Path(out).glob("rloo_*/metrics.json")):
+        found[f"TRL RLOO's trajectory ({rloo.parent.name}/)"] = BASELINE_FIELDS
     if paths.evaluated_all():
         found["evaluated policies (eval/policies/)"] = EVALUATION_FIELDS
     return found
