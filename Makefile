@@ -38,3 +38,4 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(PY) -c "from warp_rlhf.config import reference_markdown; open('docs/configuration.md', 'w').write(reference_markdown())"
 	$(PY) -c "import json; from warp_rlhf.stages.experiment import claims_table; open('docs/paper-claims/claims.md', 'w').write(claims_table(json.load(open('docs/paper-claims/results.json'))))"
+	$(PY) -c "import json; from warp_rlhf.stages.warm_experiment import claims_table; open('docs/warm/claims.md', 'w').write(claims_table(json.load(open('docs/warm/results.json'))))"
