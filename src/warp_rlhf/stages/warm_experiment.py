@@ -371,7 +371,8 @@ def accuracy_figure(results: dict) -> Figure:
         )  # fmt: skip
     axes.set_xticks(range(len(results["accuracy"])), [f"{float(p):.0%} swapped" for p in results["accuracy"]])
     low = min(acc[n]["mean"] - 2 * acc[n]["se"] for acc in results["accuracy"].values() for n in names)
-    axes.set_ylim(max(0.0, low - 0.05), 1.0)
+    high = max(acc[n]["mean"] + 2 * acc[n]["se"] for acc in results["accuracy"].values() for n in names)
+    axes.set_ylim(max(0.0, low - 0.03), min(1.0, high + 0.05))
     axes.set_ylabel("held-out pairwise accuracy (± 2 s.e.)")
     axes.legend(fontsize=7, ncol=2)
     axes.grid(alpha=0.3, axis="y")
