@@ -24,6 +24,7 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
         "learning_rate": 1e-2, "reward_epochs": 0.5, "device": "cpu",
     }  # fmt: skip
     spec = {"config": config, "seeds": [0, 1], "nu": [0.5, 1.0, 1.5], "claim_5_runs": 3, "rloo": ["ema", "fixed"],
+            "keep_trajectories": False,
             "report_dir": str(tmp_path / "report")}  # fmt: skip
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
     docs = {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")}
@@ -71,6 +72,10 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
     assert (more / "run_1").is_symlink() and same_weights(
         more / "run_1" / "policy.safetensors", warp / "run_1" / "policy.safetensors"
     )
+    # keep_trajectories: false: each trajectory's checkpoints gone once evaluated, its final policy kept
+    pruned = (("warp_seed1/reinforce", "policy.safetensors"), ("rloo_fixed_seed0/rloo_fixed", "step_8.safetensors"))
+    for folder, final in pruned:
+        assert sorted(p.name for p in (tmp_path / "runs" / folder).glob("*.safetensors")) == [final]
     before = (tmp_path / "runs" / "eval" / "policies" / "sft.json").stat().st_mtime_ns
     assert main(["experiment", "--config", str(tmp_path / "paper.yaml")]) == 0  # everything reused
     assert (tmp_path / "runs" / "eval" / "policies" / "sft.json").stat().st_mtime_ns == before
@@ -102,6 +107,7 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("nu: [0.5, 1, 4.5]", "nu=[0.5, 1, 4.5] is not a list of distinct numbers in (0, 4]"),
         ("rloo: [ema, ppo]", "rloo=['ema', 'ppo'] is not a list of distinct references among ema, fixed"),
         ("config: {batch_size: 5}\nrloo: [fixed]", "batch_size=5 must be even"),
+        ("keep_trajectories: 0", "keep_trajectories=0 is not true or false"),
         ("nu: [0.5]", "nu=[0.5] is not a list"),
         ("nu: [0.5, 1, 1.0]", "nu=[0.5, 1, 1.0] is not a list of distinct"),
         ("seeds: 7", "seeds=7 is not a non-empty list of distinct integers >= 0"),
@@ -110,7 +116,7 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("claim_5_runs: many", "claim_5_runs='many' is not an integer > runs (2)"),
         ("claim_5_runs: 2", "claim_5_runs=2 is not an integer > runs (2)"),
         ("report_dir: [a]", "report_dir=['a'] is not a folder (a string)"),
-        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, rloo, report_dir)"),
+        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, rloo, keep_trajectories, report_dir)"),
         ("1: 2", "key 1"),
         ("config: {1: 2}", "key 1"),
         ("config: {liti_rat: 0.5}", "unknown config field 'liti_rat' (did you mean 'liti_rate'?)"),

@@ -49,7 +49,7 @@ from warp_rlhf.stages.rloo import METRICS, VARIANTS, check_rloo, rloo_files, rlo
 from warp_rlhf.stages.seed_level import seed_level, seed_level_figure
 from warp_rlhf.stages.sweep import share_data
 
-KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "rloo", "report_dir")
+KEYS = ("experiment", "config", "seeds", "nu", "claim_5_runs", "rloo", "keep_trajectories", "report_dir")
 """What an experiment file may hold."""
 
 NU_MAX = 4.0
@@ -86,6 +86,15 @@ class Arm:
     def out(self) -> OutputDir:
         return OutputDir(Path(self.config.output_dir))
 
+    @property
+    def trajectory_name(self) -> str | None:
+        """The name of the trajectory this arm trains (REINFORCE's or RLOO's), if any."""
+        if self.rloo is not None:
+            return self.name
+        if not self.reinforce:
+            return None
+        return self.name.replace("warp_", "reinforce_") if self.warp else self.name
+
 
 @dataclasses.dataclass(frozen=True)
 class CurvePoint:
@@ -95,6 +104,7 @@ class CurvePoint:
     name: str
     x: float
     weights: Callable[[State], State]
+    file: Path | None = None  # the checkpoint it is read from, where it is one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,7 @@ class Experiment:
     claim_5_runs: int  # the most runs merged for claim 5
     report_dir: Path  # results.json, the figures and claims.md (default: output_dir/report)
     rloo: list[str] = dataclasses.field(default_factory=list)  # TRL RLOOTrainer arms, one per reference and seed
+    keep_trajectories: bool = True  # false: a trajectory's checkpoints are deleted once evaluated
 
     @classmethod
     def load(cls, path: str | Path) -> Experiment:
@@ -164,7 +175,9 @@ class Experiment:
         expect(path, "rloo", rloo, rloo_ok, f"a list of distinct references among {', '.join(VARIANTS)}")
         for reference in rloo:
             check_rloo(config, reference)
-        experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report), rloo)
+        keep = data.get("keep_trajectories", True)
+        expect(path, "keep_trajectories", keep, isinstance(keep, bool), "true or false")
+        experiment = cls(config, seeds, sorted(float(v) for v in nu), runs, Path(report), rloo, keep)
         experiment.arms()  # every arm's config is checked now, before any work
         return experiment
 
@@ -276,6 +289,9 @@ def run_experiment(experiment: Experiment) -> dict:
     arms = experiment.arms()
     for arm in arms.values():
         _train(arm, shared_out, arms)
+        trajectory = _arm_trajectory(arm)
+        if trajectory is not None and not experiment.keep_trajectories:
+            _evaluate_and_prune(experiment, shared, shared_out, trajectory)
     curves = _curves(experiment, arms)
     with timed(experiment.root.root, "evaluate"):
         evaluated = evaluate_points(shared, shared_out, lambda sft: policy_points(curves, sft), experiment.root)
@@ -334,11 +350,27 @@ def front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
     return Curve(name, tuple(CurvePoint(f"{name}_nu{v:g}", v, functools.partial(_interpolated, theta, v)) for v in nu))
 
 
-def _trajectory(name: str, arm: Arm) -> Curve:
-    """The REINFORCE baseline of `arm`, one point `<name>_step<k>` per evaluated checkpoint."""
-    files = trajectory_files(arm.config, arm.out.baseline)
-    points = tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p)) for k, p in files)
+def _arm_trajectory(arm: Arm) -> Curve | None:
+    """The trajectory `arm` trains — REINFORCE's baseline or TRL RLOO's policy — one point
+    `<name>_step<k>` per evaluated checkpoint; None for an arm without one."""
+    name = arm.trajectory_name
+    if name is None:
+        return None
+    if arm.rloo is not None:
+        files = rloo_files(arm.config, arm.out.root, arm.rloo)
+    else:
+        files = trajectory_files(arm.config, arm.out.baseline)
+    points = tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p), p) for k, p in files)
     return Curve(name, points, front=False)
+
+
+def _evaluate_and_prune(experiment: Experiment, shared: WarpConfig, shared_out: Path, trajectory: Curve) -> None:
+    """Evaluate a trajectory now, then delete its checkpoints but the last (the arm's final
+    policy): their values stay in `eval/policies`, which is all the claims read."""
+    evaluate_points(shared, shared_out, lambda sft: policy_points({trajectory.name: trajectory}, sft), experiment.root)
+    for point in trajectory.points[:-1]:
+        if experiment.root.evaluated(point.name).exists() and point.file.exists():
+            point.file.unlink()
 
 
 def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
@@ -348,20 +380,16 @@ def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
     for s in experiment.seeds:
         arm = arms[f"warp_seed{s}"]
         final = functools.partial(load_tensors, arm.out.slerp(arm.config.iterations))
-        curves += [front(f"warp_seed{s}", final, nu), _trajectory(f"reinforce_seed{s}", arm)]
+        curves += [front(f"warp_seed{s}", final, nu), _arm_trajectory(arm)]
     nu = [v for v in nu if v <= 1]  # the other claims compare merges, not their extrapolations
     out, runs = arms[f"warp_seed{first}"].out, experiment.config.runs
     weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with
     curves += [
         front("iteration_1", functools.partial(load_tensors, out.slerp(1)), nu),
         front("lerp_iteration_1", functools.partial(_merge, out, runs, "lerp", weight), nu),
-        _trajectory("reinforce_ema", arms["reinforce_ema"]),
+        _arm_trajectory(arms["reinforce_ema"]),
     ]
-    curves += [
-        Curve(name, tuple(CurvePoint(f"{name}_step{k}", k, functools.partial(_from_file, p))
-                          for k, p in rloo_files(arm.config, arm.out.root, arm.rloo)), front=False)
-        for name, arm in arms.items() if arm.rloo is not None
-    ]  # fmt: skip
+    curves += [_arm_trajectory(arm) for arm in arms.values() if arm.rloo is not None]
     more = arms["more_runs"].out
     curves += [
         front(f"runs_{m}", functools.partial(_merge, more, m, "slerp", None), nu)
