@@ -116,7 +116,8 @@ def experiment_error(tmp_path, text: str, capsys) -> str:
         ("claim_5_runs: many", "claim_5_runs='many' is not an integer > runs (2)"),
         ("claim_5_runs: 2", "claim_5_runs=2 is not an integer > runs (2)"),
         ("report_dir: [a]", "report_dir=['a'] is not a folder (a string)"),
-        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, rloo, keep_trajectories, report_dir)"),
+        ("claims: 3", "unknown key 'claims' (keys: experiment, config, seeds, nu, claim_5_runs, rloo, "
+         "keep_trajectories, report_dir)"),
         ("1: 2", "key 1"),
         ("config: {1: 2}", "key 1"),
         ("config: {liti_rat: 0.5}", "unknown config field 'liti_rat' (did you mean 'liti_rate'?)"),
