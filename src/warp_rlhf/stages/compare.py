@@ -168,11 +168,12 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean_and_se([x - y for x, y in zip(a, b, strict=True)])
 
 
-def point_of(samples) -> Point:
-    """A `Point` from an evaluated policy's per-prompt values (`evaluate.Samples`), KL by the
-    exact-per-token estimator."""
-    (kl, kl_se), (reward, reward_se) = mean_and_se(samples.kl_exact), mean_and_se(samples.reward)
-    return Point(kl, reward, kl_se, reward_se, kls=list(samples.kl_exact), rewards=list(samples.reward))
+def point_of(samples, metric: str = "reward") -> Point:
+    """A `Point` from an evaluated policy's per-prompt values (`evaluate.Samples`): KL by the
+    exact-per-token estimator against `metric` (the reward, or `judge`)."""
+    values = getattr(samples, metric)
+    (kl, kl_se), (value, value_se) = mean_and_se(samples.kl_exact), mean_and_se(values)
+    return Point(kl, value, kl_se, value_se, kls=list(samples.kl_exact), rewards=list(values))
 
 
 def front_against_trajectory(evaluated: dict) -> dict | None:

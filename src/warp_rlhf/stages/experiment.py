@@ -252,12 +252,17 @@ def seeds_ok(seeds: Any) -> bool:
     )
 
 
+def finite_numbers(values: Any) -> bool:
+    """Whether `values` is a list of finite numbers (booleans are not numbers here)."""
+    return isinstance(values, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
+
+
 def nu_ok(nu: Any) -> bool:
     """Numbers in (0, `NU_MAX`] with 1 among them, distinct as the policies' names write them."""
-    numbers = isinstance(nu, list) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nu
-    )
-    return numbers and all(0 < v <= NU_MAX for v in nu) and 1 in nu and len({f"{v:g}" for v in nu}) == len(nu)
+    distinct = len({f"{v:g}" for v in nu}) == len(nu) if finite_numbers(nu) else False
+    return distinct and all(0 < v <= NU_MAX for v in nu) and 1 in nu
 
 
 def config_fields(path: str | Path, fields: Any) -> WarpConfig:
@@ -350,6 +355,12 @@ def front(name: str, theta: Callable[[], State], nu: list[float]) -> Curve:
     return Curve(name, tuple(CurvePoint(f"{name}_nu{v:g}", v, functools.partial(_interpolated, theta, v)) for v in nu))
 
 
+def warp_front(name: str, config: WarpConfig, nu: list[float]) -> Curve:
+    """The LITI front of the WARP policy `config` trained: the SLERP of its last iteration."""
+    final = OutputDir(Path(config.output_dir)).slerp(config.iterations)
+    return front(name, functools.partial(load_tensors, final), nu)
+
+
 def _arm_trajectory(arm: Arm) -> Curve | None:
     """The trajectory `arm` trains — REINFORCE's baseline or TRL RLOO's policy — one point
     `<name>_step<k>` per evaluated checkpoint; None for an arm without one."""
@@ -379,8 +390,7 @@ def _curves(experiment: Experiment, arms: dict[str, Arm]) -> dict[str, Curve]:
     curves = []
     for s in experiment.seeds:
         arm = arms[f"warp_seed{s}"]
-        final = functools.partial(load_tensors, arm.out.slerp(arm.config.iterations))
-        curves += [front(f"warp_seed{s}", final, nu), _arm_trajectory(arm)]
+        curves += [warp_front(f"warp_seed{s}", arm.config, nu), _arm_trajectory(arm)]
     nu = [v for v in nu if v <= 1]  # the other claims compare merges, not their extrapolations
     out, runs = arms[f"warp_seed{first}"].out, experiment.config.runs
     weight = experiment.config.slerp_lambda  # the λ iteration 1 was merged with

@@ -26,20 +26,18 @@ pairs are recomputed (seconds). Results go to `report_dir` and nowhere else.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from warp_rlhf.checkpoint import load_tensors, read_json, write_json, write_text
+from warp_rlhf.checkpoint import read_json, write_json, write_text
 from warp_rlhf.config import WarpConfig, read_yaml, validate
 from warp_rlhf.errors import ConfigError
 from warp_rlhf.layout import OutputDir
 from warp_rlhf.stages import experiment as paper
-from warp_rlhf.stages.compare import Difference, Point, compare, mean_and_se, verdict
+from warp_rlhf.stages.compare import Difference, Point, compare, point_of, verdict
 from warp_rlhf.stages.data import Splits
 from warp_rlhf.stages.pipeline import evaluate_points, load_splits, prepare_output, reward_stage, train_stage
 from warp_rlhf.stages.plots import KL_LABEL, save_figure
@@ -144,10 +142,9 @@ def policy_name(reward: str, noise: float, seed: int) -> str:
 
 
 def _fractions_ok(values: Any) -> bool:
-    numbers = isinstance(values, list) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
-    )
-    return numbers and len(values) > 0 and all(0 <= v < 0.5 for v in values) and len(set(values)) == len(values)
+    if not paper.finite_numbers(values):
+        return False
+    return len(values) > 0 and all(0 <= v < 0.5 for v in values) and len(set(values)) == len(values)
 
 
 def run_warm_experiment(experiment: WarmExperiment) -> dict:
@@ -169,7 +166,8 @@ def run_warm_experiment(experiment: WarmExperiment) -> dict:
     evaluation = _evaluation_config(experiment, gold)
     out = prepare_output(evaluation)
     _copy_splits(OutputDir(gold), OutputDir(out))
-    fronts = {name: _front(name, config, experiment.nu) for name, config in experiment.policy_configs().items()}
+    configs = experiment.policy_configs()
+    fronts = {name: paper.warp_front(name, config, experiment.nu) for name, config in configs.items()}
     with timed(experiment.root.root, "evaluate"):
         evaluated = evaluate_points(evaluation, out, lambda sft: paper.policy_points(fronts, sft), OutputDir(out))
     results = _results(experiment, accuracy, fronts, evaluated)
@@ -197,11 +195,6 @@ def _link(target: Path, link: Path) -> None:
 def _copy_splits(source: OutputDir, target: OutputDir) -> None:
     if not target.splits.exists():
         write_json(target.splits, read_json(source.splits))
-
-
-def _front(name: str, config: WarpConfig, nu: list[float]) -> paper.Curve:
-    final = functools.partial(load_tensors, OutputDir(Path(config.output_dir)).slerp(config.iterations))
-    return paper.front(name, final, nu)
 
 
 def _evaluation_config(experiment: WarmExperiment, gold: Path) -> WarpConfig:
@@ -234,8 +227,7 @@ def _accuracies(experiment: WarmExperiment, noise: float, pairs: list[tuple[str,
     margins["ens"] = torch.stack(members).mean(0)  # ENS: the mean score, so the mean margin
     correct = {name: (margin > 0).double() for name, margin in margins.items()}
     correct["member_mean"] = torch.stack([correct[f"member_{k}"] for k in range(1, len(members) + 1)]).mean(0)
-    statistics = {name: values for name, values in correct.items()}
-    statistics |= {
+    statistics = correct | {
         "warm_minus_member_mean": correct["warm"] - correct["member_mean"],
         "warm_minus_member_1": correct["warm"] - correct["member_1"],
         "ens_minus_member_mean": correct["ens"] - correct["member_mean"],
@@ -257,12 +249,6 @@ def bootstrap_se(values: dict[str, torch.Tensor], *, resamples: int = RESAMPLES,
     n = len(next(iter(values.values())))
     chosen = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
     return {name: v[chosen].mean(-1).std().item() for name, v in values.items()}
-
-
-def _points(samples, values: list[float]) -> Point:
-    """A policy's (KL, `values`) point with per-prompt values, for `compare`."""
-    (kl, kl_se), (value, value_se) = mean_and_se(samples.kl_exact), mean_and_se(values)
-    return Point(kl, value, kl_se, value_se, kls=list(samples.kl_exact), rewards=list(values))
 
 
 def _results(experiment: WarmExperiment, accuracy: dict, fronts: dict[str, paper.Curve], evaluated: dict) -> dict:
@@ -322,7 +308,7 @@ def _results(experiment: WarmExperiment, accuracy: dict, fronts: dict[str, paper
 def _curve(front: paper.Curve, evaluated: dict, metric: str) -> list[Point]:
     """The SFT point and the front's points, on the gold reward (`reward`) or VADER (`judge`)."""
     names = ["sft", *(p.name for p in front.points)]
-    return [_points(evaluated[n][1], getattr(evaluated[n][1], metric)) for n in names]
+    return [point_of(evaluated[n][1], metric) for n in names]
 
 
 def write_report(experiment: WarmExperiment, results: dict) -> None:
