@@ -5,7 +5,7 @@ results file's."""
 import json
 from pathlib import Path
 
-from warp_rlhf.stages.experiment import claims_table
+from warp_rlhf.stages.experiment import EXTRAPOLATED, claims_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,5 +22,7 @@ def test_the_claims_table_is_the_results_files():
     assert "](paper-claims/claims.md)" in (REPO / "docs" / "paper-claims.md").read_text()
     results = json.loads((claims / "results.json").read_text())
     assert (claims / "claims.md").read_text() == claims_table(results)
-    for claim in results["claims"]:
-        assert (claims / f"{claim['claim']}.png").exists()
+    for claim in results["claims"]:  # the extrapolated fronts are drawn in claim 3's figure
+        figure = "warp_vs_reinforce" if claim["claim"] == EXTRAPOLATED else claim["claim"]
+        assert (claims / f"{figure}.png").exists()
+    assert (claims / "warp_vs_reinforce_difference.png").exists() and (claims / "seed_level.png").exists()

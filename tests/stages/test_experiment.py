@@ -4,11 +4,13 @@ everything. An experiment file is checked as strictly as a config, before any wo
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+import warp_rlhf.stages.experiment as experiment_module
 from tests.helpers import same_weights
 from warp_rlhf.cli import main
 from warp_rlhf.stages.experiment import Experiment, claims_table
@@ -16,7 +18,9 @@ from warp_rlhf.stages.experiment import Experiment, claims_table
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbone, reviews_csv, tmp_path, capsys):
+def test_the_experiment_answers_every_claim_and_resumes(
+    tiny_policy, tiny_backbone, reviews_csv, tmp_path, capsys, monkeypatch
+):
     config = {
         "policy": str(tiny_policy), "reward_model": str(tiny_backbone), "dataset": str(reviews_csv),
         "output_dir": str(tmp_path / "runs"), "reward_train_pairs": 60, "reward_eval_pairs": 20, "rl_prompts": 40,
@@ -28,7 +32,21 @@ def test_the_experiment_answers_every_claim_and_resumes(tiny_policy, tiny_backbo
             "report_dir": str(tmp_path / "report")}  # fmt: skip
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(spec))
     docs = {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")}
+    spent = []  # the seconds of every evaluation, the trajectories' made before the final one included
+    evaluate = experiment_module.evaluate_points
+
+    def timed_evaluate(*args):
+        started = time.perf_counter()
+        try:
+            return evaluate(*args)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(experiment_module, "evaluate_points", timed_evaluate)
     assert main(["experiment", "--config", str(tmp_path / "paper.yaml")]) == 0
+    monkeypatch.undo()
+    timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert len(spent) == 3 + 4 + 1 and timings["evaluate"] >= sum(spent)  # 3 REINFORCE, 4 RLOO trajectories, the rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paper.yaml", "report", "runs"]
     assert {path: path.stat().st_mtime_ns for path in (REPO / "docs").rglob("*")} == docs
     results = json.loads((tmp_path / "report" / "results.json").read_text())

@@ -377,8 +377,11 @@ def _arm_trajectory(arm: Arm) -> Curve | None:
 
 def _evaluate_and_prune(experiment: Experiment, shared: WarpConfig, shared_out: Path, trajectory: Curve) -> None:
     """Evaluate a trajectory now, then delete its checkpoints but the last (the arm's final
-    policy): their values stay in `eval/policies`, which is all the claims read."""
-    evaluate_points(shared, shared_out, lambda sft: policy_points({trajectory.name: trajectory}, sft), experiment.root)
+    policy): their values stay in `eval/policies`, which is all the claims read. Its seconds count
+    in the experiment's `evaluate`."""
+    with timed(experiment.root.root, "evaluate"):
+        points = functools.partial(policy_points, {trajectory.name: trajectory})
+        evaluate_points(shared, shared_out, points, experiment.root)
     for point in trajectory.points[:-1]:
         if experiment.root.evaluated(point.name).exists() and point.file.exists():
             point.file.unlink()
