@@ -627,8 +627,8 @@ def difference_figure(results: dict) -> Figure:
             )  # fmt: skip
         axes.axhline(0.0, color="black", linewidth=0.8)
         axes.set_title(f"seed {seed}")
-        axes.set_xlabel(KL_LABEL)
         axes.grid(alpha=0.3)
+    figure.supxlabel(KL_LABEL, fontsize=10)
     panels[0].set_ylabel("reward: WARP − REINFORCE (± 2 s.e.)")
     panels[0].legend(fontsize=7)
     return figure
