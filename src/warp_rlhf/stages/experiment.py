@@ -261,7 +261,7 @@ def finite_numbers(values: Any) -> bool:
 
 def nu_ok(nu: Any) -> bool:
     """Numbers in (0, `NU_MAX`] with 1 among them, distinct as the policies' names write them."""
-    distinct = len({f"{v:g}" for v in nu}) == len(nu) if finite_numbers(nu) else False
+    distinct = finite_numbers(nu) and len({f"{v:g}" for v in nu}) == len(nu)
     return distinct and all(0 < v <= NU_MAX for v in nu) and 1 in nu
 
 
@@ -294,8 +294,7 @@ def run_experiment(experiment: Experiment) -> dict:
     arms = experiment.arms()
     for arm in arms.values():
         _train(arm, shared_out, arms)
-        trajectory = _arm_trajectory(arm)
-        if trajectory is not None and not experiment.keep_trajectories:
+        if not experiment.keep_trajectories and (trajectory := _arm_trajectory(arm)) is not None:
             _evaluate_and_prune(experiment, shared, shared_out, trajectory)
     curves = _curves(experiment, arms)
     with timed(experiment.root.root, "evaluate"):

@@ -142,9 +142,8 @@ def policy_name(reward: str, noise: float, seed: int) -> str:
 
 
 def _fractions_ok(values: Any) -> bool:
-    if not paper.finite_numbers(values):
-        return False
-    return len(values) > 0 and all(0 <= v < 0.5 for v in values) and len(set(values)) == len(values)
+    distinct = paper.finite_numbers(values) and len(set(values)) == len(values)
+    return distinct and len(values) > 0 and all(0 <= v < 0.5 for v in values)
 
 
 def run_warm_experiment(experiment: WarmExperiment) -> dict:
